@@ -1,0 +1,94 @@
+"""`build_loader(cfg, split)`: one interface over the torch and ffcv backends.
+
+Both yield (images float (B, 3, S, S) in [0, 1] on the target device, labels int64 (B,)); normalization belongs to
+the model. Train split: RandomResizedCrop(scale=(crop_scale_min, 1)) + horizontal flip, shuffled per epoch, last
+incomplete batch dropped (drop_last=True, so every rank takes the same number of steps). Val split: resize + center
+crop, fixed order, last partial batch kept. Ranks read disjoint shards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from guard_fast.config import DataConfig
+from guard_fast.data.folder import FolderDataset, ShardSampler, collate_skipping
+from guard_fast.data.presets import DatasetSpec, resolve_dataset
+from guard_fast.errors import GuardFastError
+
+SPLITS = ("train", "val")
+
+
+@dataclass
+class Loader:
+    """Iterable of device batches with `set_epoch`, `len` (batches per epoch on this rank) and dataset facts."""
+
+    batches: Any  # the backend's iterable (torch DataLoader or ffcv Loader)
+    sampler: Any  # object with set_epoch(epoch), or None when the backend handles epochs itself
+    spec: DatasetSpec
+    classes: list[str]
+    num_samples: int  # images in the whole split (all ranks)
+    device: torch.device
+    skipped: int = 0  # unreadable images skipped so far (data.skip_corrupt)
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        non_blocking = self.device.type == "cuda"
+        for batch in self.batches:
+            x, y = batch[0], batch[1]
+            if len(batch) > 2:
+                self.skipped += int(batch[2])
+                if x.shape[0] == 0:
+                    continue
+            yield x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
+
+
+def split_path(cfg: DataConfig, split: str) -> Path:
+    root = Path(cfg.path)
+    return root / (f"{split}.beton" if cfg.backend == "ffcv" else split)
+
+
+def build_loader(cfg: DataConfig, split: str, *, rank: int = 0, world: int = 1, device: torch.device | str = "cpu",
+                 seed: int = 0, train: bool | None = None, batch_size: int | None = None,
+                 drop_last: bool | None = None) -> Loader:
+    """Loader for `split` ('train' or 'val') of this rank. `train` (default: split == 'train') picks augmentation,
+    shuffling and drop_last; `batch_size` defaults to data.batch_size (train) or data.eval_batch_size."""
+    if split not in SPLITS:
+        raise GuardFastError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    train = (split == "train") if train is None else train
+    drop_last = train if drop_last is None else drop_last
+    batch_size = batch_size or (cfg.batch_size if train else cfg.eval_batch_size)
+    device = torch.device(device)
+    spec = resolve_dataset(cfg)
+    path = split_path(cfg, split)
+    if not path.exists():
+        hint = " (run: guard-fast data prepare-digits --out " + cfg.path + ")" if cfg.dataset == "digits" else ""
+        raise GuardFastError(f"data.path: {path} not found{hint}")
+    if cfg.backend == "ffcv":
+        from guard_fast.data.ffcv_backend import build_ffcv_loader
+
+        return build_ffcv_loader(cfg, spec, path, train=train, rank=rank, world=world, device=device, seed=seed,
+                                 batch_size=batch_size, drop_last=drop_last)
+    ds = FolderDataset(path, spec.image_size, train, cfg.crop_scale_min, spec.crop_ratio, seed, cfg.skip_corrupt)
+    if len(ds.classes) != spec.num_classes:
+        raise GuardFastError(f"{path}: {len(ds.classes)} class folders, but the config/preset says "
+                             f"{spec.num_classes} classes (data.num_classes)")
+    sampler = ShardSampler(len(ds), rank, world, shuffle=train, seed=seed, even=drop_last)
+    dl = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=cfg.workers, drop_last=drop_last,
+                    collate_fn=collate_skipping, pin_memory=device.type == "cuda",
+                    persistent_workers=cfg.workers > 0)
+    return Loader(dl, sampler, spec, ds.classes, len(ds), device)
