@@ -1,0 +1,68 @@
+"""Stage caching: skip when unchanged, rerun dependents, resume an interrupted stage, --force."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from guard_fast.stagecache import StageRunner
+
+
+def _pipeline(root, calls, force=(), cfg_a=1, crash_b=False):
+    runner = StageRunner(total=3, force=set(force), log=lambda s: None)
+
+    def stage(name, crash=False):
+        def fn(folder, resume):
+            calls.append((name, resume))
+            (folder / "part").write_text("x")
+            if crash:
+                raise KeyboardInterrupt  # a kill mid-stage
+            (folder / "out.txt").write_text(name)
+            return {"out": "out.txt"}
+        return fn
+
+    a = runner.run("a", root / "a", {"v": cfg_a}, [], stage("a"))
+    b = runner.run("b", root / "b", {"v": 2}, [a], stage("b", crash_b))
+    c = runner.run("c", root / "c", {"v": 3}, [b], stage("c"))
+    return a, b, c
+
+
+def test_rerun_skips_everything(tmp_path):
+    calls = []
+    _pipeline(tmp_path, calls)
+    assert calls == [("a", False), ("b", False), ("c", False)]
+    calls.clear()
+    a, b, c = _pipeline(tmp_path, calls)
+    assert calls == [] and a.skipped and b.skipped and c.skipped
+    assert json.loads((tmp_path / "c" / "stage.json").read_text())["outputs"] == {"out": "out.txt"}
+
+
+def test_deleted_output_reruns_it_and_dependents_only(tmp_path):
+    calls = []
+    _pipeline(tmp_path, calls)
+    calls.clear()
+    (tmp_path / "b" / "out.txt").unlink()
+    _pipeline(tmp_path, calls)
+    assert calls == [("b", False), ("c", False)]
+
+
+def test_config_change_and_force(tmp_path):
+    calls = []
+    _pipeline(tmp_path, calls)
+    calls.clear()
+    _pipeline(tmp_path, calls, cfg_a=5)
+    assert [c[0] for c in calls] == ["a", "b", "c"]
+    calls.clear()
+    _pipeline(tmp_path, calls, cfg_a=5, force={"c"})
+    assert calls == [("c", False)]
+
+
+def test_interrupted_stage_resumes(tmp_path):
+    calls = []
+    with pytest.raises(KeyboardInterrupt):
+        _pipeline(tmp_path, calls, crash_b=True)
+    assert not (tmp_path / "b" / "stage.json").exists() and (tmp_path / "b" / "part").exists()
+    calls.clear()
+    _pipeline(tmp_path, calls)
+    assert calls == [("b", True), ("c", False)]  # a cached; b picks up its partial work
