@@ -1,0 +1,257 @@
+"""Each squeeze objective against a literal, independently written version of its SPEC formula."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from guard_fast.adversarial import fgsm_rs, pgd, trades_attack
+from guard_fast.objectives import ObjectiveConfig, build_objective, direction
+
+B, S = 6, 16
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(B, 3, S, S, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (B,), generator=g)
+    return x, y
+
+
+@pytest.fixture
+def model(tiny_model):
+    m = tiny_model(double=True)
+    m.train()
+    with torch.no_grad():  # non-trivial running statistics so eval mode differs from train mode
+        for _ in range(2):
+            m(torch.rand(8, 3, S, S, dtype=torch.float64))
+    return m
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def run_library(model, x, y, **cfg):
+    model.zero_grad()
+    loss, stats = build_objective(ObjectiveConfig(**cfg))(model, x, y)
+    loss.backward()
+    assert model.training
+    return stats, grads(model)
+
+
+def literal_z(model, x, y, h):
+    """z_i = h (g_i + 1e-7) / (||g_i|| + 1e-7), g = d(batch-mean eval CE)/du, written per sample."""
+    model.eval()
+    u = model.normalize(x).detach().requires_grad_(True)
+    F.cross_entropy(model.body(u), y).backward()
+    g = u.grad.detach()
+    model.zero_grad()
+    return torch.stack([h * (g[i] + 1e-7) / (torch.sqrt((g[i] ** 2).sum()) + 1e-7) for i in range(len(x))])
+
+
+def finish(model, x, y, reg):
+    """Gradient of reg + train-mode CE: reg is back-propagated before the train forward updates the BatchNorm
+    running statistics its eval graph used; returns (reg value, parameter gradients)."""
+    if reg.requires_grad:
+        reg.backward()
+    model.train()
+    F.cross_entropy(model(x), y).backward()
+    return reg.detach(), grads(model)
+
+
+def literal_guard(model, x, y, h, beta):
+    z = literal_z(model, x, y, h)
+    model.eval()
+    u = model.normalize(x)
+    reg = beta * torch.abs(F.cross_entropy(model.body(u + z), y) - F.cross_entropy(model.body(u), y))
+    return finish(model, x, y, reg)
+
+
+def literal_curvature(model, x, y, h, lam):
+    z = literal_z(model, x, y, h)
+    model.eval()
+    u = model.normalize(x).detach()
+    norms = []
+    for i in range(len(x)):  # per-sample input gradients, one sample at a time
+        a = (u[i:i + 1] + z[i:i + 1]).requires_grad_(True)
+        b = u[i:i + 1].clone().requires_grad_(True)
+        (ga,) = torch.autograd.grad(F.cross_entropy(model.body(a), y[i:i + 1]), a, create_graph=True)
+        (gb,) = torch.autograd.grad(F.cross_entropy(model.body(b), y[i:i + 1]), b, create_graph=True)
+        norms.append(torch.sqrt(((ga - gb) ** 2).sum()))
+    return finish(model, x, y, lam * sum(norms) / len(norms))
+
+
+def literal_grad_norm(model, x, y, beta):
+    model.eval()
+    u = model.normalize(x).detach()
+    sq = []
+    for i in range(len(x)):
+        a = u[i:i + 1].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model.body(a), y[i:i + 1]), a, create_graph=True)
+        sq.append((g ** 2).sum())
+    return finish(model, x, y, beta * sum(sq) / len(sq))
+
+
+def literal_pgd(model, x, y, eps, alpha, steps):
+    model.eval()
+    adv = x.clone()
+    for _ in range(steps):
+        adv.requires_grad_(True)
+        loss = F.cross_entropy(model(adv), y)
+        g = torch.autograd.grad(loss, adv)[0]
+        adv = adv.detach() + alpha * torch.sign(g)
+        adv = torch.clamp(torch.clamp(adv, min=x - eps, max=x + eps), 0, 1)
+    return adv
+
+
+def assert_same(got, want, rtol=1e-9, atol=1e-12):
+    (reg_a, g_a), (reg_b, g_b) = got, want
+    torch.testing.assert_close(reg_a, reg_b, rtol=rtol, atol=atol)
+    for n in g_b:
+        torch.testing.assert_close(g_a[n], g_b[n], rtol=rtol, atol=atol, msg=n)
+
+
+@pytest.mark.parametrize("strategy", ["reference", "batched", "reuse"])
+def test_guard_matches_literal(model, batch, strategy):
+    x, y = batch
+    ref = copy.deepcopy(model)
+    stats, g = run_library(model, x, y, name="guard", strategy=strategy, h=3.0, beta=0.5)
+    assert_same((stats["reg"], g), literal_guard(ref, x, y, 3.0, 0.5))
+    assert stats["reg"] > 0
+
+
+def test_guard_curvature_matches_literal(model, batch):
+    x, y = batch
+    ref = copy.deepcopy(model)
+    stats, g = run_library(model, x, y, name="guard-curvature", h=3.0, lam=0.7)
+    assert_same((stats["reg"], g), literal_curvature(ref, x, y, 3.0, 0.7))
+
+
+def test_grad_norm_matches_literal_and_changes_gradients(model, batch):
+    x, y = batch
+    ref, plain = copy.deepcopy(model), copy.deepcopy(model)
+    stats, g = run_library(model, x, y, name="grad-norm", grad_norm_beta=2.0)
+    assert_same((stats["reg"], g), literal_grad_norm(ref, x, y, 2.0))
+    _, g_plain = run_library(plain, x, y, name="none")
+    diff = max((g[n] - g_plain[n]).abs().max().item() for n in g)
+    assert diff > 1e-6  # unlike the reference, the term reaches the parameters
+
+
+def test_pgd_at_matches_literal(model, batch):
+    x, y = batch
+    ref = copy.deepcopy(model)
+    stats, g = run_library(model, x, y, name="pgd-at", eps=8 / 255, alpha=2 / 255, steps=3)
+    adv = literal_pgd(ref, x, y, 8 / 255, 2 / 255, 3)
+    ref.zero_grad()
+    ref.train()
+    ce = F.cross_entropy(ref(adv), y)
+    ce.backward()
+    assert_same((stats["ce"], g), (ce.detach(), grads(ref)))
+
+
+def test_fgsm_rs_and_trades_match_literal(model, batch):
+    x, y = batch
+    eps = 4 / 255
+    ref = copy.deepcopy(model)
+    torch.manual_seed(7)
+    stats, g = run_library(model, x, y, name="fgsm-rs", eps=eps)
+    torch.manual_seed(7)
+    start = torch.clamp(x + (2 * torch.rand(x.shape, dtype=x.dtype) - 1) * eps, 0, 1)
+    ref.eval()
+    start.requires_grad_(True)
+    gx = torch.autograd.grad(F.cross_entropy(ref(start), y), start)[0]
+    adv = torch.clamp(torch.clamp(start.detach() + 1.25 * eps * gx.sign(), x - eps, x + eps), 0, 1)
+    ref.zero_grad()
+    _, g_ref = finish(ref, adv, y, torch.zeros((), dtype=x.dtype))
+    for n in g:
+        torch.testing.assert_close(g[n], g_ref[n], rtol=1e-9, atol=1e-12)
+
+    m2, ref2 = copy.deepcopy(model), copy.deepcopy(model)
+    torch.manual_seed(3)
+    stats, g = run_library(m2, x, y, name="trades", eps=eps, alpha=1 / 255, steps=2, trades_beta=6.0)
+    torch.manual_seed(3)
+    ref2.eval()
+    p = F.softmax(ref2(x), 1).detach()
+    adv = torch.clamp(torch.clamp(x + 0.001 * torch.randn(x.shape, dtype=x.dtype), x - eps, x + eps), 0, 1)
+    for _ in range(2):
+        adv.requires_grad_(True)
+        kl = (p * (torch.log(p) - F.log_softmax(ref2(adv), 1))).sum()
+        gx = torch.autograd.grad(kl, adv)[0]
+        adv = torch.clamp(torch.clamp(adv.detach() + (1 / 255) * gx.sign(), x - eps, x + eps), 0, 1)
+    ref2.train()
+    logits = ref2(x)
+    q = F.softmax(logits, 1)
+    reg = 6.0 * (q * (torch.log(q) - F.log_softmax(ref2(adv), 1))).sum() / len(x)
+    ref2.zero_grad()
+    (F.cross_entropy(logits, y) + reg).backward()
+    torch.testing.assert_close(stats["reg"], reg.detach(), rtol=1e-9, atol=1e-12)
+    for n, prm in ref2.named_parameters():
+        torch.testing.assert_close(g[n], prm.grad, rtol=1e-9, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("eps", [1 / 255, 8 / 255])
+def test_attacks_stay_in_eps_ball_and_range(model, batch, eps):
+    x, y = batch
+    x = x.clone()
+    x[0] = 0.0  # pixels at the range edges must stay in [0,1]
+    x[1] = 1.0
+    gen = torch.Generator().manual_seed(0)
+    for adv in (pgd(model, x, y, eps, eps / 4, 5, random_start=True, generator=gen),
+                pgd(model, x, y, eps, eps, 3), fgsm_rs(model, x, y, eps, generator=gen),
+                trades_attack(model, x, eps, eps / 2, 3, generator=gen)):
+        assert (adv - x).abs().max() <= eps + 1e-12
+        assert adv.min() >= 0 and adv.max() <= 1
+        assert (adv != x).any()
+    assert model.training  # attacks restore the mode
+
+
+@pytest.mark.parametrize("name", ["none", "guard", "guard-curvature", "grad-norm", "pgd-at", "fgsm-rs", "trades"])
+def test_bn_stats_updated_once_and_all_grads_finite(model, batch, name):
+    x, y = batch
+    plain = copy.deepcopy(model)
+    plain.train()
+    plain(x) if name != "trades" else (plain(x), plain(x))  # trades runs two train forwards (x and x_adv)
+    stats, g = run_library(model, x, y, name=name, steps=2)
+    for (n, a), b in zip(model.named_buffers(), plain.buffers()):
+        if "running_mean" in n and name not in ("pgd-at", "fgsm-rs", "trades"):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=n)  # eval forwards left them alone
+        if "num_batches_tracked" in n:
+            assert torch.equal(a, b), n
+    assert all(torch.isfinite(v).all() and v.abs().sum() > 0 for v in g.values())
+    assert all(torch.isfinite(v) for v in stats.values())
+
+
+def test_direction_zero_gradient_row_is_finite():
+    g = torch.randn(4, 3, 5, 5)
+    g[2] = 0
+    z = direction(g, 3.0)
+    assert torch.isfinite(z).all()
+    norms = z.flatten(1).norm(dim=1)
+    torch.testing.assert_close(norms[[0, 1, 3]], torch.full((3,), 3.0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["batched", "reuse"])
+def test_strategies_match_reference_fp32(tiny_model, strategy):
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 3, S, S), torch.randint(0, 10, (8,))
+    a = tiny_model()
+    b = copy.deepcopy(a)
+    sa, ga = run_library(a, x, y, name="guard", strategy="reference", beta=0.3)
+    sb, gb = run_library(b, x, y, name="guard", strategy=strategy, beta=0.3)
+    torch.testing.assert_close(sa["reg"], sb["reg"], rtol=1e-4, atol=1e-6)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_unknown_names_rejected():
+    from guard_fast.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="objective.name = 'cure'"):
+        build_objective(ObjectiveConfig(name="cure"))
+    with pytest.raises(ConfigError, match="objective.strategy = 'fast'"):
+        build_objective(ObjectiveConfig(strategy="fast"))
