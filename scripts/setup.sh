@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent install of everything guard_fast needs on a fresh Debian machine:
 #   1. Debian packages FFCV compiles against (OpenCV core/imgproc, libjpeg-turbo),
-#   2. a virtual environment cached under a hash of requirements.txt + this script,
+#   2. a virtual environment cached under a hash of requirements.txt + ENV_VERSION,
 #   3. the pinned Python stack, FFCV built from source, torchattacks without its deps,
 #   4. guard_fast itself (editable), and `.venv` linked to the cached environment.
 set -euo pipefail
@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 repo=$(pwd)
 py=${PYTHON:-python3}
 cache=${GUARD_FAST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/guard_fast}
-spec=$(cat requirements.txt scripts/setup.sh | sha256sum | cut -c1-12)
+# Bump ENV_VERSION when a change to the install steps below must rebuild existing environments.
+ENV_VERSION=2
+spec=$( (cat requirements.txt; echo "$ENV_VERSION") | sha256sum | cut -c1-12)
 venv=$cache/venv-$spec
 mkdir -p "$cache"
 
@@ -67,7 +69,8 @@ fi
 
 # 4. Point .venv at the environment and (re)install this checkout into it, editable, without touching deps.
 ln -sfn "$venv" .venv
-if ! .venv/bin/python -c "import guard_fast, os, sys; sys.exit(os.path.dirname(os.path.dirname(guard_fast.__file__)) != '$repo')" 2>/dev/null; then
+# (checked from / so the checkout itself is not on sys.path)
+if ! (cd / && "$venv/bin/python" -c "import guard_fast, os, sys; sys.exit(os.path.dirname(os.path.dirname(guard_fast.__file__)) != '$repo')") 2>/dev/null; then
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . \
     || fail "pip install -e . failed"
 fi

@@ -1,0 +1,178 @@
+"""Training engine: optimizer, cosine schedule, DeepSpeed engine, crash-safe checkpoints.
+
+API (used by squeeze and the student trainer):
+- `OptimConfig`: the `optim` config section.
+- `build_optimizer(model, cfg)`: SGD (momentum) or AdamW; weight decay only on weights of rank >= 2.
+- `build_scheduler(optimizer, cfg, steps_per_epoch)`: per-optimizer-step cosine with optional linear warmup.
+- `build_engine(model, optimizer, scheduler, dist_cfg, optim_cfg, micro_batch)`: a DeepSpeed engine (ZeRO 0/1/2,
+  fp32 or bf16, gradient accumulation and clipping); joins or creates the process group first.
+- `Checkpointer(folder, engine)`: `save(step, state)` / `load() -> (step, state) | None`. A checkpoint counts only
+  once complete: DeepSpeed writes a tag folder on every rank, then rank 0 atomically rewrites `latest.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from guard_fast import distributed as D
+from guard_fast.config import DistConfig
+from guard_fast.errors import ConfigError, GuardFastError
+from guard_fast.io import atomic_json
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    """optimizer: sgd (momentum) or adamw"""
+    lr: float = 0.025
+    """peak learning rate (absolute, not scaled with batch size or ranks)"""
+    momentum: float = 0.9
+    """SGD momentum"""
+    weight_decay: float = 1e-4
+    """decoupled (adamw) or L2 (sgd) weight decay, applied to weights of rank >= 2 only (not BatchNorm, not biases)"""
+    epochs: int = 50
+    """passes over the training set"""
+    warmup_epochs: float = 0.0
+    """linear warmup from 0 to lr over this many epochs, then cosine decay to 0"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step (the effective batch is batch_size * ranks * grad_accum)"""
+    grad_clip: float = 0.0
+    """clip the global gradient L2 norm to this value (0 = off)"""
+
+    def validate(self) -> None:
+        if self.name not in ("sgd", "adamw"):
+            raise ConfigError(f"optim.name = {self.name!r}: valid values are 'sgd', 'adamw'")
+        if self.lr <= 0 or self.epochs < 1 or self.grad_accum < 1 or self.grad_clip < 0 or self.warmup_epochs < 0:
+            raise ConfigError("optim: lr > 0, epochs >= 1, grad_accum >= 1, grad_clip >= 0, warmup_epochs >= 0")
+        if self.warmup_epochs >= self.epochs:
+            raise ConfigError(f"optim.warmup_epochs = {self.warmup_epochs} must be < optim.epochs = {self.epochs}")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup over `warmup` steps, then cosine from 1 to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """`steps_per_epoch` counts optimizer steps (micro-batches / grad_accum)."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_process_group(dist_cfg: DistConfig, device: torch.device) -> None:
+    """DeepSpeed needs a process group even for one process: create a 1-rank group on localhost if none exists."""
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(k, v)
+    backend = dist_cfg.backend if dist_cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(backend=backend, rank=0, world_size=1)
+
+
+def deepspeed_config(dist_cfg: DistConfig, optim_cfg: OptimConfig, micro_batch: int) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": optim_cfg.grad_accum,
+        "zero_optimization": {"stage": dist_cfg.zero_stage},
+        "zero_allow_untested_optimizer": True,  # our client torch optimizer under ZeRO
+        "steps_per_print": 2**31 - 1,  # we log ourselves
+    }
+    if optim_cfg.grad_clip > 0:
+        cfg["gradient_clipping"] = optim_cfg.grad_clip
+    if dist_cfg.precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+        cfg["data_types"] = {"buffer_dtype": "bf16"}  # BatchNorm running statistics follow the weights
+    return cfg
+
+
+def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dist_cfg: DistConfig,
+                 optim_cfg: OptimConfig, micro_batch: int, device: torch.device):
+    """A DeepSpeed engine over `model`; `engine.step()` also steps the scheduler at accumulation boundaries."""
+    import deepspeed
+
+    ensure_process_group(dist_cfg, device)
+    model.to(device)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(dist_cfg, optim_cfg, micro_batch),
+                                           dist_init_required=False)
+    return engine
+
+
+class Checkpointer:
+    """Checkpoints under `folder/<tag>/` (DeepSpeed's model, optimizer, scheduler state; ZeRO shards per rank) plus
+    `rng_rank<r>.pt`; `latest.json` names the newest complete one. Keeps the `keep` newest."""
+
+    def __init__(self, folder: str | Path, engine, keep: int = 2):
+        self.folder, self.engine, self.keep = Path(folder), engine, keep
+
+    def save(self, step: int, state: dict[str, Any]) -> None:
+        tag = f"step{step:09d}"
+        self.engine.save_checkpoint(str(self.folder), tag=tag, client_state={"guard_fast": state},
+                                    save_latest=False)
+        torch.save({"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   self.folder / tag / f"rng_rank{D.rank()}.pt")
+        D.barrier()  # every rank has written its part
+        if D.rank() == 0:
+            atomic_json(self.folder / "latest.json", {"tag": tag, "step": step})
+            tags = sorted(p.name for p in self.folder.glob("step*") if p.is_dir())
+            for old in tags[: max(0, len(tags) - self.keep)]:
+                shutil.rmtree(self.folder / old, ignore_errors=True)
+        D.barrier()
+
+    def latest(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.folder / "latest.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def load(self) -> tuple[int, dict[str, Any]] | None:
+        """Restore the newest complete checkpoint into the engine; (step, client state) or None if there is none."""
+        latest = self.latest()
+        if latest is None:
+            return None
+        tag = latest["tag"]
+        path, client = self.engine.load_checkpoint(str(self.folder), tag=tag, load_module_strict=True)
+        if path is None:
+            raise GuardFastError(f"checkpoint {self.folder / tag} could not be loaded (incomplete or corrupt)")
+        rng = torch.load(self.folder / tag / f"rng_rank{D.rank()}.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        return latest["step"], client["guard_fast"]
