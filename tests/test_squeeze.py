@@ -121,3 +121,14 @@ def test_config_errors_exit_2(tmp_path):
                         "--objective.name=guard-curvature"], capture_output=True, text=True, env=subprocess_env(),
                        cwd=REPO, timeout=300)
     assert r.returncode == 2 and "cannot run double backward" in r.stderr
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("squeeze-*.toml")), ids=lambda p: p.name)
+def test_presets_load(path):
+    from guard_fast.config import load_config
+    from guard_fast.squeeze import SqueezeConfig
+
+    cfg = load_config(SqueezeConfig, path)
+    assert cfg.objective.name in ("guard", "none")
+    if cfg.data.dataset != "digits":  # the paper's squeeze (SPEC section 2)
+        assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.epochs, cfg.data.backend) == (0.025, 1e-4, 50, "ffcv")

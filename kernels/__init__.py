@@ -1,0 +1,1 @@
+"""Fused GPU kernels (Triton) with pure-torch references; one file per op."""

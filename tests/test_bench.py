@@ -1,0 +1,149 @@
+"""The benchmark harness (bench/step.py, bench/step_report.py, launchers/bench.py) on a tiny model. No timing
+thresholds: the tests check that every method is measured, that the reported ratios follow from the raw samples, the
+memory measure on known allocations, and the output format."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+
+import pytest
+import torch
+
+from bench.step import BenchConfig, _profiled_peak_bytes, expand_methods, run_benchmark
+from bench.step_report import HEADER, build_results, write_bench_results
+from guard_fast.config import load_config
+from guard_fast.errors import ConfigError
+from guard_fast.objectives import GUARD_STRATEGIES, OBJECTIVES
+
+TINY = ["--model.width=8", "--bench.image_size=16", "--bench.batch_size=4", "--bench.warmup=1", "--bench.reps=2",
+        "--dist.device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """Every objective (every guard strategy, PGD with K = 1 and 2) measured once on a width-8 ResNet-18."""
+    out = tmp_path_factory.mktemp("bench")
+    cfg = load_config(BenchConfig, overrides=TINY + ["--bench.pgd_steps=[1, 2]", f"--bench.out_dir={out}"])
+    raw = run_benchmark(cfg, torch.device("cpu"), show_progress=False)
+    return cfg, raw
+
+
+def test_every_method_is_measured(measured):
+    cfg, raw = measured
+    rows = raw["rows"]
+    assert not raw["errors"], raw["errors"]
+    assert {m.objective for m in rows} == set(OBJECTIVES)
+    assert {m.label for m in rows if m.objective == "guard"} == {f"guard[{s}]" for s in GUARD_STRATEGIES}
+    assert {"pgd-at[K=1]", "pgd-at[K=2]"} <= {m.label for m in rows}
+    for m in rows:
+        samples = raw["samples"][m.label]
+        assert len(samples) == cfg.bench.reps and all(math.isfinite(t) and t > 0 for t in samples), m.label
+        mem = raw["memory"][m.label]
+        assert math.isfinite(mem["peak_mib"]) and mem["peak_mib"] >= mem["static_mib"] > 0, m.label
+        assert mem["step_mib"] > 0, m.label  # every step allocates activations
+
+
+def test_ratios_follow_from_raw_samples(measured):
+    cfg, raw = measured
+    results = build_results(raw, cfg.bench.batch_size)
+    plain = raw["samples"]["none"]
+    for row in results["rows"]:
+        s = raw["samples"][row["label"]]
+        assert row["time_s"]["median"] == pytest.approx(statistics.median(s))
+        assert row["time_ratio"]["median"] == pytest.approx(statistics.median([a / b for a, b in zip(s, plain)]))
+        assert row["images_per_s"]["median"] == pytest.approx(statistics.median([4 / t for t in s]))
+        expected_mem = raw["memory"][row["label"]]["peak_mib"] / raw["memory"]["none"]["peak_mib"]
+        assert row["memory_ratio"] == pytest.approx(expected_mem)
+    none_row = next(r for r in results["rows"] if r["label"] == "none")
+    assert none_row["time_ratio"]["median"] == 1.0 and none_row["memory_ratio"] == 1.0
+    # a goal is the paired ratio of the two rows it names
+    by_label = {r["label"]: r for r in results["rows"]}
+    for goal in results["goals"]:
+        num, den = by_label[goal["numerator"]], by_label[goal["denominator"]]
+        if "mem" not in goal["goal"]:
+            ratios = [a / b for a, b in zip(num["samples_s"], den["samples_s"])]
+            assert goal["value"] == pytest.approx(statistics.median(ratios))
+
+
+def test_results_files_schema_and_markdown(measured, tmp_path):
+    cfg, raw = measured
+    cfg.bench.out_dir = str(tmp_path)
+    paths = write_bench_results(cfg, raw, torch.device("cpu"), conditions={"load": (0.0,)})
+    assert [p.suffix for p in paths] == [".json", ".md", ".png"]
+    payload = json.loads(paths[0].read_text())
+    assert set(payload) == {"benchmark", "config", "environment", "results"}
+    res = payload["results"]
+    assert set(res) == {"timer", "memory_measure", "batch_size_per_rank", "world", "rows", "skipped", "goals",
+                        "conditions"}
+    for row in res["rows"]:
+        assert set(row) == {"label", "objective", "variant", "error", "samples_s", "time_s", "images_per_s",
+                            "time_ratio", "memory_mib", "memory_ratio"}
+        assert set(row["time_s"]) == {"median", "p20", "p80", "n"}
+        assert set(row["memory_mib"]) == {"peak_mib", "static_mib", "step_mib"}
+    for goal in res["goals"]:
+        assert set(goal) == {"goal", "variant", "description", "numerator", "denominator", "value", "target", "met"}
+    assert payload["config"]["bench"]["reps"] == 2
+    md = paths[1].read_text()
+    assert "| " + " | ".join(HEADER) + " |" in md
+    for m in raw["rows"]:
+        assert f"| {m.label} |" in md
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cpu_memory_measure_on_known_allocations():
+    """Peak of live bytes: two 1 MiB buffers alive together count twice, one freed before the next counts once."""
+    mib = 2**20
+
+    def together():
+        a = torch.ones(mib, dtype=torch.uint8)
+        b = torch.ones(mib, dtype=torch.uint8)
+        return a, b
+
+    def sequential():
+        for _ in range(3):
+            torch.ones(mib, dtype=torch.uint8)
+
+    assert _profiled_peak_bytes(together) == pytest.approx(2 * mib, rel=0.01)
+    assert _profiled_peak_bytes(sequential) == pytest.approx(mib, rel=0.01)
+
+
+def test_expand_methods_variants_and_labels():
+    cfg = load_config(BenchConfig, overrides=TINY + ["--bench.variants=[\"eager\", \"compiled\"]",
+                                                     "--bench.warmup=2", "--bench.pgd_steps=[3, 10]",
+                                                     "--bench.methods=[\"pgd-at\", \"grad-norm\"]"])
+    rows, skipped = expand_methods(cfg)
+    assert [m.label for m in rows] == ["none", "pgd-at[K=3]", "pgd-at[K=10]", "grad-norm", "none+compile",
+                                       "pgd-at[K=3]+compile", "pgd-at[K=10]+compile"]
+    assert skipped == ["grad-norm+compile: needs double backward, which torch.compile cannot compile"]
+
+
+@pytest.mark.parametrize("override,match", [
+    ("--bench.methods=[\"none\", \"adv\"]", "bench.methods"),
+    ("--bench.variants=[\"jit\"]", "bench.variants"),
+    ("--bench.variants=[\"compiled\"]", "warmup"),
+    ("--model.compile", "bench.variants"),
+    ("--bench.reps=0", "reps"),
+])
+def test_config_errors(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(BenchConfig, overrides=TINY + [override])
+
+
+@pytest.mark.slow
+def test_two_rank_mode_reports_per_rank_and_aggregate(tmp_path):
+    """Two CPU ranks (gloo, DeepSpeed engine): rank 0 writes per-rank images/s and their sum."""
+    from tests.conftest import PYTHON, REPO, subprocess_env
+
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "launchers" / "bench.py"),
+           *TINY, "--bench.methods=[\"none\", \"fgsm-rs\"]", f"--bench.out_dir={tmp_path}", "--bench.name=dist",
+           "--bench.plot=false"]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "dist.json").read_text())["results"]
+    assert res["world"] == 2
+    for row in res["rows"]:
+        assert [r["rank"] for r in row["per_rank"]] == [0, 1]
+        assert row["aggregate_images_per_s"] == pytest.approx(sum(r["images_per_s"] for r in row["per_rank"]))
