@@ -10,8 +10,10 @@ setup:
 test: setup
 	$(PY) -m pytest tests
 
+# GUARD vs plain teachers on the bundled digits; refreshes results/squeeze-digits.md and the README table.
 demo: setup
-	$(PY) -m guard_fast.cli pipeline --config configs/demo.toml
+	$(PY) -m guard_fast.cli data prepare-digits --out data/digits
+	$(PY) -m bench.squeeze_digits --data data/digits
 
 bench: setup
 	$(PY) -m guard_fast.cli bench --config configs/bench-cpu.toml

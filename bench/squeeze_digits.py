@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from bench.common import write_results
+from bench.common import markdown_table, write_results
 from guard_fast.config import DataConfig
 from guard_fast.data import build_loader
 from guard_fast.data.digits import prepare_digits
+from guard_fast.io import atomic_text
 from guard_fast.models import build_model
 from guard_fast.validate import accuracy
 
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="data/digits")
     p.add_argument("--runs", default="runs/squeeze-digits")
     p.add_argument("--out", default=str(REPO / "results"))
+    p.add_argument("--readme", default=str(REPO / "README.md"), help="README whose squeeze-digits block to refresh "
+                   "('' = leave it)")
     args = p.parse_args(argv)
     prepare_digits(args.data)
     variants = {"none": ["--objective.name=none"]}
@@ -61,7 +64,20 @@ def main(argv: list[str] | None = None) -> int:
              "identical seed and budget; PGD-20 with step eps/4 and a random start on the whole val split.")
     paths = write_results("squeeze-digits", vars(args), results, header, rows, out_dir=args.out, notes=notes)
     print("wrote", *paths)
+    if args.readme:
+        update_readme(Path(args.readme), markdown_table(header, rows) + "\n\n" + notes)
     return 0
+
+
+def update_readme(path: Path, block: str, name: str = "squeeze-digits") -> None:
+    """Replace the text between <!-- name:begin --> and <!-- name:end --> with `block` (so the README shows what
+    the command measured, never a typed-in table)."""
+    text = path.read_text()
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    if begin not in text or end not in text:
+        return
+    head, rest = text.split(begin, 1)
+    atomic_text(path, head + begin + "\n" + block + "\n" + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":

@@ -47,10 +47,6 @@ class SqueezeConfig:
         if self.model.compile and self.objective.name in DOUBLE_BACKWARD:
             raise ConfigError(f"model.compile with objective.name = {self.objective.name!r}: torch.compile cannot "
                               "run double backward; set model.compile=false")
-        if self.model.compile and self.objective.name == "guard" and self.objective.strategy != "reuse":
-            raise ConfigError("model.compile with objective.name = 'guard' needs objective.strategy = 'reuse' (the "
-                              "other orders keep an eval graph alive across the train forward, which a compiled "
-                              "BatchNorm cannot back-propagate)")
         if self.stop_after < 0 or self.val_every < 0 or self.val_batches < 0:
             raise ConfigError("stop_after, val_every and val_batches must be >= 0")
 
