@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     header = ["teacher", "clean %", *[f"PGD-20 {round(e * 255)}/255 %" for e in EPS]]
     notes = (f"Digits (1438 train / 359 val, 32 px), resnet18-cifar width {args.width}, {args.epochs} epochs SGD, "
              "identical seed and budget; PGD-20 with step eps/4 and a random start on the whole val split.")
-    paths = write_results("squeeze-digits", vars(args), results, header, rows, out_dir=args.out, notes=notes)
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "readme")}  # no machine paths in results
+    paths = write_results("squeeze-digits", config, results, header, rows, out_dir=args.out, notes=notes)
     print("wrote", *paths)
     if args.readme:
         update_readme(Path(args.readme), markdown_table(header, rows) + "\n\n" + notes)
