@@ -13,12 +13,12 @@ test: setup
 # GUARD vs SRe2L end to end on the bundled digits (configs/demo.toml); writes runs/demo/report.md and refreshes
 # the README's demo block. Cached: a rerun skips finished stages.
 demo: setup
-	$(PY) -m guard_fast.cli data prepare-digits --out data/digits
-	$(PY) -m guard_fast.cli pipeline --config configs/demo.toml
+	$(PY) -m launchers.cli data prepare-digits --out data/digits
+	$(PY) -m launchers.cli pipeline --config configs/demo.toml
 	$(PY) -m bench.demo_readme --run runs/demo
 
 bench: setup
-	$(PY) -m guard_fast.cli bench --config configs/bench-cpu.toml
+	$(PY) -m launchers.cli bench --config configs/bench-cpu.toml
 
 clean:
 	rm -rf runs/ data/digits .pytest_cache

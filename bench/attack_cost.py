@@ -23,12 +23,12 @@ import time
 import torch
 
 from bench.common import RESULTS, summarize, write_results
-from guard_fast.attacks import ATTACKS, AttackConfig, build_attack, settings
-from guard_fast.config import DataConfig, load_config
+from guard_fast.attacks.suite import ATTACKS, AttackConfig, build_attack, settings
 from guard_fast.data import build_loader
 from guard_fast.data.digits import prepare_digits
 from guard_fast.models import build_model
-from guard_fast.report import fmt_eps
+from guard_fast.robustness.report import fmt_eps
+from guard_fast.runtime.config import DataConfig, load_config
 
 EXPENSIVE = ("square", "autoattack")
 # Warm-up budget: the same code paths at a negligible cost.

@@ -6,8 +6,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
-from guard_fast.io import atomic_json, atomic_text
-from guard_fast.runinfo import environment
+from guard_fast.runtime.io import atomic_json, atomic_text
+from guard_fast.runtime.rundir import environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

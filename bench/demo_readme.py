@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from bench.squeeze_digits import update_readme
-from guard_fast.report import metrics_table, results_table
+from guard_fast.robustness.report import metrics_table, results_table
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,11 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         lines += [f"Accuracy (%) at L-inf eps = {eps * 255:g}/255 (CW: L2):" if eps else "Accuracy (%):", "",
                   results_table(rows), "", metrics_table(rows), ""]
     lines += ["![robustness](docs/demo/robustness.png)", ""]
-    for method in results["methods"]:
-        for ipc in results["ipc"]:
-            grid = run / method / f"ipc{ipc}" / "recover" / "grid.png"
-            shutil.copy(grid, docs / f"grid-{method}-ipc{ipc}.png")
-            lines += [f"{method}, IPC {ipc}: ![{method} IPC {ipc}](docs/demo/grid-{method}-ipc{ipc}.png)", ""]
+    for name, grid in results["grids"].items():  # "GUARD IPC 10" -> its recover grid.png
+        slug = name.lower().replace(" ", "-").replace("(", "").replace(")", "").replace("+", "-")
+        shutil.copy(run / grid, docs / f"grid-{slug}.png")
+        lines += [f"{name}: ![{name}](docs/demo/grid-{slug}.png)", ""]
     total = sum(s["seconds"] for s in results["stages"])
     parts = ", ".join(f"{s['stage']} {s['seconds']:.0f} s" for s in results["stages"])
     lines.append(f"Stage time in this run: {total:.0f} s ({parts}).")

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import summarize, write_results
-from guard_fast.config import DataConfig
 from guard_fast.data import build_loader
-from guard_fast.io import atomic_write
+from guard_fast.runtime.config import DataConfig
+from guard_fast.runtime.io import atomic_write
 
 
 def make_jpeg_folder(root: Path, files: int, crop: int = 256, seed: int = 0) -> Path:

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 from bench.common import markdown_table, write_results
-from guard_fast.config import DataConfig
+from guard_fast.attacks.accuracy import accuracy
 from guard_fast.data import build_loader
 from guard_fast.data.digits import prepare_digits
-from guard_fast.io import atomic_text
 from guard_fast.models import build_model
-from guard_fast.validate import accuracy
+from guard_fast.runtime.config import DataConfig
+from guard_fast.runtime.io import atomic_text
 
 REPO = Path(__file__).resolve().parent.parent
 EPS = [1 / 255, 2 / 255, 4 / 255, 8 / 255]

@@ -30,10 +30,16 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from guard_fast.config import DistConfig, ModelConfig
-from guard_fast.errors import ConfigError
-from guard_fast.models import Classifier, build_model
-from guard_fast.objectives import DOUBLE_BACKWARD, GUARD_STRATEGIES, OBJECTIVES, ObjectiveConfig, build_objective
+from guard_fast.models import Classifier, ModelConfig, build_model
+from guard_fast.runtime.config import DistConfig
+from guard_fast.runtime.errors import ConfigError
+from guard_fast.squeeze.objectives import (
+    DOUBLE_BACKWARD,
+    GUARD_STRATEGIES,
+    OBJECTIVES,
+    ObjectiveConfig,
+    build_objective,
+)
 
 DEFAULT_METHODS = ["none", "guard", "guard-curvature", "grad-norm", "pgd-at", "fgsm-rs", "trades"]
 VARIANTS = ("eager", "compiled")
@@ -42,7 +48,7 @@ MIB = 2**20
 
 @dataclass
 class BenchSection:
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    objectives: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     """objectives to measure, in this order within each repetition (none is always measured: ratios refer to it)"""
     guard_strategies: list[str] = field(default_factory=list)
     """strategies of the guard objective, one row each; empty = every registered strategy"""
@@ -70,9 +76,9 @@ class BenchSection:
     """also write a PNG bar chart (time/iter and peak memory per method with ratio labels)"""
 
     def validate(self) -> None:
-        unknown = [m for m in self.methods if m not in OBJECTIVES]
+        unknown = [m for m in self.objectives if m not in OBJECTIVES]
         if unknown:
-            raise ConfigError(f"bench.methods: unknown {unknown}; valid: {', '.join(OBJECTIVES)}")
+            raise ConfigError(f"bench.objectives: unknown {unknown}; valid: {', '.join(OBJECTIVES)}")
         bad = [s for s in self.guard_strategies if s not in GUARD_STRATEGIES]
         if bad:
             raise ConfigError(f"bench.guard_strategies: unknown {bad}; valid: {', '.join(GUARD_STRATEGIES)}")
@@ -120,7 +126,7 @@ class Method:
 
 def expand_methods(cfg: BenchConfig) -> tuple[list[Method], list[str]]:
     """Rows to measure, in run order, and a note per skipped (objective, variant) pair."""
-    names = ["none"] + [m for m in cfg.bench.methods if m != "none"]
+    names = ["none"] + [m for m in cfg.bench.objectives if m != "none"]
     strategies = cfg.bench.guard_strategies or list(GUARD_STRATEGIES)
     rows: list[Method] = []
     skipped: list[str] = []

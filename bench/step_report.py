@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bench.common import summarize
-from guard_fast.io import atomic_write
+from guard_fast.runtime.io import atomic_write
 
 PLAIN = "none"
 # (goal id, description, numerator row kind, denominator row kind, target, comparison): rows are picked per variant;
@@ -171,7 +171,7 @@ def write_bench_results(cfg, raw: dict[str, Any], device, per_rank: list[dict[st
                         conditions: dict[str, Any] | None = None) -> list[Path]:
     """JSON + Markdown through bench.common.write_results, plus the PNG chart; returns the paths written."""
     from bench.common import write_results
-    from guard_fast.config import to_dict
+    from guard_fast.runtime.config import to_dict
 
     world = len(per_rank) if per_rank else 1
     name = cfg.bench.name or default_name(cfg, device.type, world)

@@ -1,9 +1,10 @@
-"""The whole method, cached and resumable: squeeze -> recover -> relabel -> train -> evaluate, per method and IPC.
+"""Every registered distillation method, cached and resumable: its stages, then evaluate, per method and IPC.
 
-`runs/<name>/<method>/squeeze`, `runs/<name>/<method>/ipc<k>/{recover,relabel,train,evaluate}`, then `report.md`,
-`results.json`, `robustness.png` at the top. Each stage is a `StageRunner` stage keyed by its resolved config and its
-inputs' completion ids (guard_fast/stagecache.py): unchanged stages are skipped, `force` reruns a stage kind, an
-interrupted stage resumes from its own checkpoints. Every rank runs this function; each stage distributes itself.
+`runs/<name>/teachers/<objective>` (squeeze, shared by the methods using that teacher),
+`runs/<name>/<method slug>/ipc<k>/{recover,relabel,train,evaluate}` (the method's stages; see guard_fast/methods), then
+`report.md`, `results.json`, `robustness.png` at the top. Each stage is a `StageRunner` stage keyed by its resolved
+config and its inputs' completion ids (guard_fast/runtime/stagecache.py): unchanged stages are skipped, `force` reruns
+a stage kind, an interrupted stage resumes from its own checkpoints. Every rank runs this function; each stage distributes itself.
 """
 
 from __future__ import annotations
@@ -14,24 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guard_fast import distributed as D
-from guard_fast.config import DataConfig, DistConfig, OutputConfig, to_dict
-from guard_fast.distributed import DistInfo
-from guard_fast.errors import ConfigError, GuardFastError
-from guard_fast.evaluate import EvaluateConfig, run_evaluate
-from guard_fast.io import atomic_json, atomic_text
-from guard_fast.objectives import OBJECTIVES
-from guard_fast.recover import RecoverConfig, run_recover
-from guard_fast.relabel import RelabelConfig, run_relabel
-from guard_fast.report import bar_chart, evaluation_rows, metrics_table, results_table
-from guard_fast.runinfo import RunDir
-from guard_fast.squeeze import SqueezeConfig, run_squeeze
-from guard_fast.stagecache import StageRecord, StageRunner
-from guard_fast.train import TrainConfig, run_train
+from guard_fast.distill.recover import RecoverConfig
+from guard_fast.distill.relabel import RelabelConfig
+from guard_fast.methods import Stage, resolve, stage_config
+from guard_fast.robustness.evaluate import EvaluateConfig, run_evaluate
+from guard_fast.robustness.report import bar_chart, evaluation_rows, metrics_table, results_table
+from guard_fast.runtime import distributed as D
+from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig, to_dict
+from guard_fast.runtime.distributed import DistInfo
+from guard_fast.runtime.errors import ConfigError, GuardFastError
+from guard_fast.runtime.io import atomic_json, atomic_text
+from guard_fast.runtime.rundir import RunDir
+from guard_fast.runtime.stagecache import StageRecord, StageRunner
+from guard_fast.squeeze.stage import SqueezeConfig
+from guard_fast.student.kd import TrainConfig
 
-STAGES = ("squeeze", "recover", "relabel", "train", "evaluate")
-# How the paper names the distilled sets: SRe2L's teacher is trained plainly, SRe2L+Adv's adversarially.
-DISPLAY = {"guard": "GUARD", "none": "SRe2L", "pgd-at": "SRe2L+Adv"}
 UNKEYED = ("output", "stop_after", "resume")  # fields that do not change a stage's result
 
 
@@ -43,63 +41,60 @@ class PipelineConfig:
     """shared by every stage"""
     output: OutputConfig = field(default_factory=lambda: OutputConfig(dir="runs/pipeline"))
     """output.dir holds one folder per method plus report.md; log/progress settings apply to every stage"""
-    methods: list[str] = field(default_factory=lambda: ["guard", "none"])
-    """squeeze objectives to compare: guard (GUARD), none (SRe2L), pgd-at (SRe2L+Adv), or any other objective"""
+    methods: list[str] = field(default_factory=lambda: ["sre2l:teacher=guard", "sre2l:teacher=none"])
+    """distillation methods to compare, `name` or `name:key=value:...`: sre2l (teacher = any squeeze objective;
+    teacher=guard is GUARD, none SRe2L, pgd-at SRe2L+Adv), cda (teacher, curriculum, milestone); label=NAME renames"""
     ipc: list[int] = field(default_factory=lambda: [10])
-    """images per class of the distilled sets (one recover/relabel/train/evaluate chain each)"""
+    """images per class of the distilled sets (one chain of stages each)"""
     force: list[str] = field(default_factory=list)
-    """stage kinds to rerun even when cached: squeeze, recover, relabel, train, evaluate"""
+    """stage kinds to rerun even when cached (squeeze, recover, relabel, train, evaluate, ...)"""
     squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
     """teacher training; squeeze.objective.name is set per method, squeeze.model is also the teacher elsewhere"""
     recover: RecoverConfig = field(default_factory=RecoverConfig)
-    """synthesis (recover.ipc is set per IPC; the teacher comes from squeeze)"""
+    """synthesis (recover.ipc is set per IPC; the teacher comes from squeeze; cda sets the curriculum)"""
     relabel: RelabelConfig = field(default_factory=RelabelConfig)
     """soft labels (views and epochs follow train.views and train.optim.epochs)"""
     train: TrainConfig = field(default_factory=TrainConfig)
     """the student (train.model); soft_labels = 'online' skips the relabel stage"""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    """attacks and the evaluation subset (evaluate.model follows train.model)"""
+    """attacks and the evaluation subset (evaluate.model follows each method's student)"""
 
     def validate(self) -> None:
-        bad = [m for m in self.methods if m not in OBJECTIVES]
-        if not self.methods or bad:
-            raise ConfigError(f"methods = {self.methods}: each must be one of {', '.join(OBJECTIVES)}")
-        if len(set(self.methods)) != len(self.methods):
+        if not self.methods:
+            raise ConfigError("methods: give one or more distillation methods, e.g. sre2l:teacher=guard")
+        specs = [resolve(m)[1] for m in self.methods]
+        if len(set(specs)) != len(specs):
             raise ConfigError(f"methods = {self.methods}: listed twice")
         if not self.ipc or min(self.ipc) < 1:
             raise ConfigError(f"ipc = {self.ipc}: give one or more values >= 1")
-        unknown = sorted(set(self.force) - set(STAGES))
+        kinds = {"evaluate", *(k for m in self.methods for k in resolve(m)[0].kinds)}
+        unknown = sorted(set(self.force) - kinds)
         if unknown:
-            raise ConfigError(f"force = {unknown}: valid stages are {', '.join(STAGES)}")
+            raise ConfigError(f"force = {unknown}: valid stages are {', '.join(sorted(kinds))}")
 
 
-def stage_configs(cfg: PipelineConfig, method: str, ipc: int, root: Path) -> dict[str, Any]:
-    """The five stage configs of (method, ipc), wired to each other's outputs and the shared sections."""
-    base = root / method
-    chain = base / f"ipc{ipc}"
-    out = {}
-    for name in STAGES:
-        stage = copy.deepcopy(getattr(cfg, name))
-        stage.data, stage.dist = copy.deepcopy(cfg.data), copy.deepcopy(cfg.dist)
-        stage.output = OutputConfig(dir=str((base if name == "squeeze" else chain) / name),
-                                    log_every=cfg.output.log_every, ckpt_every=cfg.output.ckpt_every,
-                                    progress=cfg.output.progress)
-        out[name] = stage
-    teacher_ckpt = str(base / "squeeze" / "teacher.pt")
-    out["squeeze"].objective.name = method
-    teacher = copy.deepcopy(cfg.squeeze.model)
-    teacher.checkpoint, teacher.compile = teacher_ckpt, False
-    out["recover"].model, out["recover"].ipc = copy.deepcopy(teacher), ipc
-    out["relabel"].model, out["relabel"].images = copy.deepcopy(teacher), str(chain / "recover")
-    out["relabel"].views, out["relabel"].epochs = copy.deepcopy(cfg.train.views), cfg.train.optim.epochs
-    out["train"].images, out["train"].labels = str(chain / "recover"), str(chain / "relabel")
-    out["train"].teacher = copy.deepcopy(teacher)
-    ev = out["evaluate"]
+def evaluate_stage(cfg: PipelineConfig, student: Stage, label: str, folder: Path) -> Stage:
+    """Attack the student that `student` wrote, with the student's own network settings."""
+    ev = stage_config(cfg, "evaluate", folder)
     ev.dist.precision = "fp32"  # attacks run in fp32 whatever the training precision
-    ev.model = copy.deepcopy(cfg.train.model)
+    ev.model = copy.deepcopy(student.config.model)
     ev.model.checkpoint, ev.model.compile = "", False
-    ev.checkpoints, ev.labels = [str(chain / "train" / "student.pt")], [f"{DISPLAY.get(method, method)} IPC {ipc}"]
-    return out
+    ev.checkpoints, ev.labels = [str(student.folder / student.outputs["student"])], [label]
+    return Stage("evaluate", folder, ev, run_evaluate, {"evaluation": "evaluation.json"}, [student.folder])
+
+
+def plan_pipeline(cfg: PipelineConfig, root: Path) -> list[tuple[str, int, list[Stage]]]:
+    """(display label, ipc, stages ending with evaluate) per method and IPC, in run order."""
+    chains = []
+    for text in cfg.methods:
+        method, spec, opts = resolve(text)
+        label = method.display(opts)
+        for ipc in cfg.ipc:
+            chain = root / spec.slug / f"ipc{ipc}"
+            stages = method.plan(cfg, opts, ipc, chain)
+            stages.append(evaluate_stage(cfg, stages[-1], f"{label} IPC {ipc}", chain / "evaluate"))
+            chains.append((label, ipc, stages))
+    return chains
 
 
 def key_dict(stage: Any) -> dict[str, Any]:
@@ -109,21 +104,16 @@ def key_dict(stage: Any) -> dict[str, Any]:
     return d
 
 
-def _stage_fn(name: str, stage: Any, info: DistInfo):
+def _stage_fn(stage: Stage, info: DistInfo):
     """fn(folder, resume) -> outputs for StageRunner; a stage that stops early (stop_after) is not complete."""
-    runners = {"squeeze": (run_squeeze, {"teacher": "teacher.pt"}), "recover": (run_recover, {"manifest":
-               "manifest.json", "grid": "grid.png"}), "relabel": (run_relabel, {"labels": "labels.json"}),
-               "train": (run_train, {"student": "student.pt"}), "evaluate": (run_evaluate, {"evaluation":
-               "evaluation.json"})}
-    run, outputs = runners[name]
 
     def fn(folder: Path, resume: bool) -> dict[str, str]:
-        if hasattr(stage, "resume"):
-            stage.resume = resume
-        result = run(stage, info)
+        if hasattr(stage.config, "resume"):
+            stage.config.resume = resume
+        result = stage.run(stage.config, info)
         if any(k.startswith("stopped") for k in result):
-            raise GuardFastError(f"{name} stopped early ({result}); rerun the pipeline to resume it")
-        return outputs
+            raise GuardFastError(f"{stage.kind} stopped early ({result}); rerun the pipeline to resume it")
+        return stage.outputs
 
     return fn
 
@@ -131,38 +121,27 @@ def _stage_fn(name: str, stage: Any, info: DistInfo):
 def run_pipeline(cfg: PipelineConfig, info: DistInfo) -> dict[str, Any]:
     root = Path(cfg.output.dir)
     RunDir(root, cfg, is_main=info.is_main, device=info.device)
-    online = cfg.train.soft_labels == "online"
-    per_chain = 4 - online
-    runner = StageRunner(len(cfg.methods) * (1 + per_chain * len(cfg.ipc)), set(cfg.force), info.is_main,
-                         log=print if info.is_main else (lambda *_: None))
+    chains = plan_pipeline(cfg, root)
+    unique = {s.folder for _, _, stages in chains for s in stages}
+    runner = StageRunner(len(unique), set(cfg.force), info.is_main, log=print if info.is_main else (lambda *_: None))
+    done: dict[Path, StageRecord] = {}  # folder -> record: a stage shared by several methods runs once
     evaluations: list[tuple[str, int, StageRecord]] = []
     grids: dict[str, str] = {}
-    for method in cfg.methods:
-        squeeze_rec = None
-        for ipc in cfg.ipc:
-            stages = stage_configs(cfg, method, ipc, root)
-            if squeeze_rec is None:
-                squeeze_rec = _run(runner, f"{method}/squeeze", stages, "squeeze", [], info)
-            rec = _run(runner, f"{method}/ipc{ipc}/recover", stages, "recover", [squeeze_rec], info)
-            grids[f"{DISPLAY.get(method, method)} IPC {ipc}"] = str(rec.path("grid").relative_to(root))
-            upstream = [rec, squeeze_rec]
-            if not online:
-                upstream = [rec, _run(runner, f"{method}/ipc{ipc}/relabel", stages, "relabel", upstream, info)]
-            student = _run(runner, f"{method}/ipc{ipc}/train", stages, "train", upstream, info)
-            ev = _run(runner, f"{method}/ipc{ipc}/evaluate", stages, "evaluate", [student], info)
-            evaluations.append((method, ipc, ev))
+    for label, ipc, stages in chains:
+        for stage in stages:
+            if stage.folder not in done:
+                upstream = [done[f] for f in stage.inputs]
+                done[stage.folder] = runner.run(str(stage.folder.relative_to(root)), stage.folder,
+                                                key_dict(stage.config), upstream, _stage_fn(stage, info),
+                                                kind=stage.kind)
+            if "grid" in stage.outputs:
+                grids[f"{label} IPC {ipc}"] = str(done[stage.folder].path("grid").relative_to(root))
+        evaluations.append((label, ipc, done[stages[-1].folder]))
     summary = {}
     if info.is_main:
         summary = write_report(cfg, root, evaluations, grids, runner)
     D.barrier()
     return summary
-
-
-def _run(runner: StageRunner, label: str, stages: dict[str, Any], name: str, upstream: list[StageRecord],
-         info: DistInfo) -> StageRecord:
-    stage = stages[name]
-    return runner.run(label, Path(stage.output.dir), key_dict(stage), upstream, _stage_fn(name, stage, info),
-                      kind=name)
 
 
 def settings_lines(cfg: PipelineConfig, evaluation: dict[str, Any]) -> list[str]:
@@ -195,10 +174,11 @@ def write_report(cfg: PipelineConfig, root: Path, evaluations: list[tuple[str, i
     rows = evaluation_rows(checkpoints, eps)
     bar_chart(rows, root / "robustness.png", title=loaded[0]["dataset"]["name"])
     stages = [{"stage": r.name, "cached": r.skipped, "seconds": round(r.seconds, 1)} for r in runner.records]
-    summary = {"rows": rows, "eps": eps, "methods": cfg.methods, "ipc": cfg.ipc, "stages": stages,
+    summary = {"rows": rows, "eps": eps, "methods": cfg.methods, "ipc": cfg.ipc, "stages": stages, "grids": grids,
                "evaluations": [str(rec.path("evaluation").relative_to(root)) for _, _, rec in evaluations]}
     atomic_json(root / "results.json", summary)
-    lines = [f"# GUARD pipeline report: {', '.join(DISPLAY.get(m, m) for m in cfg.methods)}", "",
+    labels = ", ".join(dict.fromkeys(label for label, _, _ in evaluations))
+    lines = [f"# GUARD pipeline report: {labels}", "",
              "Students trained on each distilled set, evaluated on the real val split (accuracy %, L-inf attacks "
              "in [0,1] pixel units; CW is L2).", "", "## Settings", "", *settings_lines(cfg, loaded[0]), ""]
     for e in eps or [None]:

@@ -15,9 +15,9 @@ from pathlib import Path
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
-from guard_fast.cli import run
-from guard_fast.config import parse_args
-from guard_fast.distributed import all_gather_objects, init_distributed, teardown
+from guard_fast.runtime.config import parse_args
+from guard_fast.runtime.distributed import all_gather_objects, init_distributed, teardown
+from launchers.cli import run
 
 
 def _load() -> tuple[float, ...]:
@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
     try:
         engine_factory = None
         if info.world > 1:
-            from guard_fast.engine import OptimConfig, build_engine
+            from guard_fast.runtime.engine import OptimConfig, build_engine
 
             def engine_factory(model, optimizer):
                 return build_engine(model, optimizer, None, cfg.dist, OptimConfig(), cfg.bench.batch_size,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from guard_fast.cli import run
-from guard_fast.errors import GuardFastError
+from guard_fast.runtime.errors import GuardFastError
+from launchers.cli import run
 
 
 class _Parser(argparse.ArgumentParser):

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import sys
 
-from guard_fast.cli import run
-from guard_fast.config import parse_args
-from guard_fast.distributed import init_distributed, teardown
-from guard_fast.evaluate import EvaluateConfig, run_evaluate
+from guard_fast.robustness.evaluate import EvaluateConfig, run_evaluate
+from guard_fast.runtime.config import parse_args
+from guard_fast.runtime.distributed import init_distributed, teardown
+from launchers.cli import run
 
 
 def main(argv: list[str]) -> int:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import sys
 
-from guard_fast.cli import run
-from guard_fast.config import parse_args
-from guard_fast.distributed import init_distributed, teardown
-from guard_fast.recover import RecoverConfig, run_recover
+from guard_fast.distill.recover import RecoverConfig, run_recover
+from guard_fast.runtime.config import parse_args
+from guard_fast.runtime.distributed import init_distributed, teardown
+from launchers.cli import run
 
 
 def main(argv: list[str]) -> int:

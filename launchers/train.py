@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import sys
 
-from guard_fast.cli import run
-from guard_fast.config import parse_args
-from guard_fast.distributed import init_distributed, teardown
-from guard_fast.train import TrainConfig, run_train
+from guard_fast.runtime.config import parse_args
+from guard_fast.runtime.distributed import init_distributed, teardown
+from guard_fast.student.kd import TrainConfig, run_train
+from launchers.cli import run
 
 
 def main(argv: list[str]) -> int:

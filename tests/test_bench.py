@@ -14,9 +14,9 @@ import torch
 
 from bench.step import BenchConfig, _profiled_peak_bytes, expand_methods, run_benchmark
 from bench.step_report import HEADER, build_results, write_bench_results
-from guard_fast.config import load_config
-from guard_fast.errors import ConfigError
-from guard_fast.objectives import GUARD_STRATEGIES, OBJECTIVES
+from guard_fast.runtime.config import load_config
+from guard_fast.runtime.errors import ConfigError
+from guard_fast.squeeze.objectives import GUARD_STRATEGIES, OBJECTIVES
 
 TINY = ["--model.width=8", "--bench.image_size=16", "--bench.batch_size=4", "--bench.warmup=1", "--bench.reps=2",
         "--dist.device=cpu"]
@@ -113,7 +113,7 @@ def test_cpu_memory_measure_on_known_allocations():
 def test_expand_methods_variants_and_labels():
     cfg = load_config(BenchConfig, overrides=TINY + ["--bench.variants=[\"eager\", \"compiled\"]",
                                                      "--bench.warmup=2", "--bench.pgd_steps=[3, 10]",
-                                                     "--bench.methods=[\"pgd-at\", \"grad-norm\"]"])
+                                                     "--bench.objectives=[\"pgd-at\", \"grad-norm\"]"])
     rows, skipped = expand_methods(cfg)
     assert [m.label for m in rows] == ["none", "pgd-at[K=3]", "pgd-at[K=10]", "grad-norm", "none+compile",
                                        "pgd-at[K=3]+compile", "pgd-at[K=10]+compile"]
@@ -121,7 +121,7 @@ def test_expand_methods_variants_and_labels():
 
 
 @pytest.mark.parametrize("override,match", [
-    ("--bench.methods=[\"none\", \"adv\"]", "bench.methods"),
+    ("--bench.objectives=[\"none\", \"adv\"]", "bench.objectives"),
     ("--bench.variants=[\"jit\"]", "bench.variants"),
     ("--bench.variants=[\"compiled\"]", "warmup"),
     ("--model.compile", "bench.variants"),
@@ -138,7 +138,7 @@ def test_two_rank_mode_reports_per_rank_and_aggregate(tmp_path):
     from tests.conftest import PYTHON, REPO, subprocess_env
 
     cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "launchers" / "bench.py"),
-           *TINY, "--bench.methods=[\"none\", \"fgsm-rs\"]", f"--bench.out_dir={tmp_path}", "--bench.name=dist",
+           *TINY, "--bench.objectives=[\"none\", \"fgsm-rs\"]", f"--bench.out_dir={tmp_path}", "--bench.name=dist",
            "--bench.plot=false"]
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -12,17 +12,17 @@ import pytest
 import torch
 from PIL import Image
 
-from guard_fast.config import DataConfig
 from guard_fast.data import build_loader
 from guard_fast.data.digits import prepare_digits, stratified_split
 from guard_fast.data.folder import ShardSampler, read_rgb, scan_folder, to_tensor
 from guard_fast.data.presets import DATASETS
-from guard_fast.errors import GuardFastError
+from guard_fast.runtime.config import DataConfig
+from guard_fast.runtime.errors import GuardFastError
 from tests.conftest import PYTHON, REPO, subprocess_env
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "guard_fast.cli", *args], capture_output=True, text=True,
+    return subprocess.run([PYTHON, "-m", "launchers.cli", *args], capture_output=True, text=True,
                           env=subprocess_env(), cwd=REPO, timeout=300)
 
 
@@ -143,9 +143,9 @@ def test_shard_sampler_disjoint_and_complete(n, world):
 
 SHARD_SCRIPT = """
 import json, sys, torch
-from guard_fast.config import DataConfig
+from guard_fast.runtime.config import DataConfig
 from guard_fast.data import build_loader
-from guard_fast.distributed import init_distributed, all_gather_objects, teardown
+from guard_fast.runtime.distributed import init_distributed, all_gather_objects, teardown
 info = init_distributed()
 out = {}
 for backend, path in (("torch", sys.argv[1]), ("ffcv", sys.argv[2])):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from guard_fast.config import DataConfig, load_config
-from guard_fast.distributed import DistInfo
+from guard_fast.runtime.config import DataConfig, load_config
+from guard_fast.runtime.distributed import DistInfo
 from tests.conftest import PYTHON, REPO, subprocess_env
 
 ONE = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
@@ -54,7 +54,7 @@ def teacher(digits_dir, tmp_path_factory) -> Path:
 
 
 def recover(digits_dir, teacher, out, *extra):
-    from guard_fast.recover import RecoverConfig, run_recover
+    from guard_fast.distill.recover import RecoverConfig, run_recover
 
     return run_recover(load_config(RecoverConfig, None, [*recover_args(digits_dir, teacher, out), *extra]), ONE)
 
@@ -67,7 +67,7 @@ def recovered(digits_dir, teacher, tmp_path_factory) -> Path:
 
 
 def relabel(digits_dir, teacher, images, out, *extra):
-    from guard_fast.relabel import RelabelConfig, run_relabel
+    from guard_fast.distill.relabel import RelabelConfig, run_relabel
 
     args = [*data_args(digits_dir), *TEACHER, f"--model.checkpoint={teacher}", f"--images={images}",
             f"--output.dir={out}", "--epochs=3", "--views.batch_size=10", *extra]
@@ -82,7 +82,7 @@ def relabeled(digits_dir, teacher, recovered, tmp_path_factory) -> Path:
 
 
 def train(digits_dir, images, out, *extra):
-    from guard_fast.train import TrainConfig, run_train
+    from guard_fast.student.kd import TrainConfig, run_train
 
     args = [*data_args(digits_dir), "--model.width=4", f"--images={images}", f"--output.dir={out}",
             "--views.batch_size=10", "--optim.epochs=3", "--output.log_every=1", "--val_batches=1", *extra]
@@ -98,9 +98,9 @@ def metric(run: Path, key: str) -> list[float]:
 
 
 def test_bn_matching_loss_decreases(teacher):
-    from guard_fast.models import build_model
     from guard_fast.data.presets import DATASETS
-    from guard_fast.recover import BNStatLoss, RecoverConfig, recover_chunk
+    from guard_fast.distill.recover import BNStatLoss, RecoverConfig, recover_chunk
+    from guard_fast.models import build_model
 
     spec = DATASETS["digits"]
     model = build_model("resnet18-cifar", 10, spec.mean, spec.std, 4, str(teacher)).eval().requires_grad_(False)
@@ -123,7 +123,7 @@ def test_bn_matching_loss_decreases(teacher):
 
 
 def test_bn_loss_equals_formula(tiny_model):
-    from guard_fast.recover import BNStatLoss
+    from guard_fast.distill.recover import BNStatLoss
 
     model = tiny_model(width=4).eval()
     for m in model.modules():
@@ -153,7 +153,7 @@ def test_bn_loss_equals_formula(tiny_model):
     ("linear", 0, 1.0), ("linear", 10, 1.0 - 0.92 * 0.2), ("linear", 50, 0.08),
     ("step", 0, 1.0), ("step", 49, 1.0), ("step", 50, 0.08)])
 def test_cda_schedule(curriculum, it, expected):
-    from guard_fast.recover import RecoverConfig, crop_lower_bound
+    from guard_fast.distill.recover import RecoverConfig, crop_lower_bound
 
     cfg = load_config(RecoverConfig, None, ["--model.checkpoint=x", f"--curriculum={curriculum}", "--milestone=0.5"])
     assert crop_lower_bound(it, 100, cfg) == pytest.approx(expected)
@@ -226,11 +226,11 @@ def test_recover_resume_equals_uninterrupted(digits_dir, teacher, recovered, tmp
 
 def test_plan_is_deterministic_and_replays(digits_dir, teacher, recovered, relabeled):
     """Stored plan == recomputed plan; the teacher's logits on a replayed view == the stored fp16 logits."""
-    from guard_fast.data.synthetic import load_synthetic
     from guard_fast.data.presets import DATASETS
+    from guard_fast.data.soft_labels import StoredLabels
+    from guard_fast.data.synthetic import load_synthetic
+    from guard_fast.data.views import ViewConfig, plan_epoch, render
     from guard_fast.models import build_model
-    from guard_fast.relabel import StoredLabels
-    from guard_fast.views import ViewConfig, plan_epoch, render
 
     images = load_synthetic(recovered)
     views = ViewConfig(batch_size=10)
@@ -253,7 +253,7 @@ def test_plan_is_deterministic_and_replays(digits_dir, teacher, recovered, relab
 
 def test_views_in_range_and_cutmix_pastes_partner(recovered):
     from guard_fast.data.synthetic import load_synthetic
-    from guard_fast.views import ViewConfig, plan_epoch, render
+    from guard_fast.data.views import ViewConfig, plan_epoch, render
 
     images = load_synthetic(recovered)
     plan = plan_epoch(20, 16, ViewConfig(batch_size=10, cutmix_alpha=1.0), 0)
@@ -264,9 +264,9 @@ def test_views_in_range_and_cutmix_pastes_partner(recovered):
 
 
 def test_relabel_topk_and_bytes(digits_dir, teacher, recovered, relabeled, tmp_path):
+    from guard_fast.data.soft_labels import StoredLabels
     from guard_fast.data.synthetic import load_synthetic
-    from guard_fast.relabel import StoredLabels
-    from guard_fast.views import ViewConfig
+    from guard_fast.data.views import ViewConfig
 
     out = tmp_path / "top3"
     result = relabel(digits_dir, teacher, recovered, out, "--topk=3")
@@ -302,7 +302,7 @@ def test_stored_and_online_give_same_first_loss(digits_dir, teacher, recovered, 
 
 
 def test_kd_loss_formula():
-    from guard_fast.train import kd_loss
+    from guard_fast.student.kd import kd_loss
 
     s, t = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
     p = torch.softmax(t / 20, 1)
@@ -330,7 +330,7 @@ def test_train_resume_equals_uninterrupted(digits_dir, recovered, relabeled, tmp
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "guard_fast.cli", *args], capture_output=True, text=True,
+    return subprocess.run([PYTHON, "-m", "launchers.cli", *args], capture_output=True, text=True,
                           env=subprocess_env(), cwd=REPO, timeout=300)
 
 

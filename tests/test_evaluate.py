@@ -13,16 +13,16 @@ import torch
 import torchattacks
 from torch import nn
 
-from guard_fast.attacks import ATTACKS, AttackConfig, build_attack
-from guard_fast.cli import run
-from guard_fast.config import DataConfig, load_config, parse_args
+from guard_fast.attacks.suite import ATTACKS, AttackConfig, build_attack
 from guard_fast.data import build_loader
 from guard_fast.data.folder import ShardSampler
-from guard_fast.distributed import DistInfo
-from guard_fast.errors import ConfigError
-from guard_fast.evaluate import EvaluateConfig, batch_seed, default_labels, evaluate_model, run_evaluate
 from guard_fast.models import build_model, save_checkpoint
-from guard_fast.report import drop_rate, improved_robustness_ratio, robustness_ratio
+from guard_fast.robustness.evaluate import EvaluateConfig, batch_seed, default_labels, evaluate_model, run_evaluate
+from guard_fast.robustness.report import drop_rate, improved_robustness_ratio, robustness_ratio
+from guard_fast.runtime.config import DataConfig, load_config, parse_args
+from guard_fast.runtime.distributed import DistInfo
+from guard_fast.runtime.errors import ConfigError
+from launchers.cli import run
 from tests.conftest import PYTHON, REPO, subprocess_env
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))

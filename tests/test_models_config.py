@@ -10,17 +10,17 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from guard_fast import config as C
-from guard_fast.cli import run
-from guard_fast.errors import ConfigError, GuardFastError
-from guard_fast.models import MODELS, Classifier, build_model, load_checkpoint, save_checkpoint
+from guard_fast.models import MODELS, Classifier, ModelConfig, build_model, load_checkpoint, save_checkpoint
+from guard_fast.runtime import config as C
+from guard_fast.runtime.errors import ConfigError, GuardFastError
+from launchers.cli import run
 from tests.conftest import PYTHON, REPO, subprocess_env
 
 
 @dataclass
 class StageConfig:
     data: C.DataConfig = field(default_factory=C.DataConfig)
-    model: C.ModelConfig = field(default_factory=C.ModelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     dist: C.DistConfig = field(default_factory=C.DistConfig)
     output: C.OutputConfig = field(default_factory=C.OutputConfig)
     eps: list[float] = field(default_factory=lambda: [1 / 255])
@@ -90,7 +90,7 @@ def test_resolved_toml_round_trips(tmp_path):
 
 
 def test_every_field_documented():
-    for section in (C.DataConfig, C.ModelConfig, C.DistConfig, C.OutputConfig, StageConfig):
+    for section in (C.DataConfig, ModelConfig, C.DistConfig, C.OutputConfig, StageConfig):
         docs = C.field_docs(section)
         missing = [f.name for f in dataclasses.fields(section) if not dataclasses.is_dataclass(f.type)
                    and f.name not in docs and f.type not in ("DataConfig", "ModelConfig", "DistConfig",
@@ -118,10 +118,10 @@ def test_help_lists_keys_and_exits_zero(capsys):
 
 def test_cli_unknown_command_and_missing_path():
     env = subprocess_env()
-    r = subprocess.run([PYTHON, "-m", "guard_fast.cli", "frobnicate"], capture_output=True, text=True, env=env,
+    r = subprocess.run([PYTHON, "-m", "launchers.cli", "frobnicate"], capture_output=True, text=True, env=env,
                        cwd=REPO)
     assert r.returncode == 2 and "unknown command 'frobnicate'" in r.stderr
-    r = subprocess.run([PYTHON, "-m", "guard_fast.cli", "data", "to-ffcv", "--src", "/nonexistent/x", "--out",
+    r = subprocess.run([PYTHON, "-m", "launchers.cli", "data", "to-ffcv", "--src", "/nonexistent/x", "--out",
                         "y.beton"], capture_output=True, text=True, env=env, cwd=REPO)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -203,3 +203,16 @@ def test_checkpoint_load_errors(tmp_path):
 def test_registry_is_classifier():
     for arch in MODELS:
         assert isinstance(build_model(arch, 3, (0,) * 3, (1,) * 3, width=4), Classifier)
+
+
+def test_convnet_shapes_and_parameter_count():
+    """DC's ConvNet at 32 px, width 128: three conv(3x3)+GroupNorm blocks and a 2048 -> C linear layer."""
+    model = build_model("convnet", 10, (0.5,) * 3, (0.5,) * 3, width=128, image_size=32)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(convs) == 3 and all(n.num_groups == n.num_channels == 128 for n in norms)
+    expected = (3 * 128 * 9 + 128) + 2 * (128 * 128 * 9 + 128) + 3 * 2 * 128 + (2048 * 10 + 10)
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    assert build_model("convnet-d4", 5, (0.5,) * 3, (0.5,) * 3, width=8, image_size=64)(torch.rand(1, 3, 64, 64)).shape \
+        == (1, 5)

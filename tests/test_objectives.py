@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from guard_fast.adversarial import fgsm_rs, pgd, trades_attack
-from guard_fast.objectives import ObjectiveConfig, build_objective, direction
+from guard_fast.attacks.pgd import fgsm_rs, pgd, trades_attack
+from guard_fast.squeeze.objectives import ObjectiveConfig, build_objective, direction
 
 B, S = 6, 16
 
@@ -249,7 +249,7 @@ def test_strategies_match_reference_fp32(tiny_model, strategy):
 
 
 def test_unknown_names_rejected():
-    from guard_fast.errors import ConfigError
+    from guard_fast.runtime.errors import ConfigError
 
     with pytest.raises(ConfigError, match="objective.name = 'cure'"):
         build_objective(ObjectiveConfig(name="cure"))
@@ -275,7 +275,7 @@ def test_strategies_compiled_match_eager_reference(tiny_model):
 
 def test_strategies_train_identically_fp64(tiny_model):
     """Eight SGD steps with each guard strategy follow the same trajectory (fp64: rounding cannot hide a bug)."""
-    from guard_fast.engine import OptimConfig, build_optimizer
+    from guard_fast.runtime.engine import OptimConfig, build_optimizer
 
     g = torch.Generator().manual_seed(0)
     data = [(torch.rand(8, 3, S, S, generator=g, dtype=torch.float64), torch.randint(0, 10, (8,), generator=g))

@@ -18,7 +18,7 @@ COLUMNS = ("Clean", "PGD100", "Square", "AutoAttack", "CW", "MIM")
 def tiny(data: Path, out: Path) -> list[str]:
     return [f"--data.path={data}", "--data.image_size=16", "--data.batch_size=32", "--data.workers=0",
             "--data.eval_batch_size=20", f"--output.dir={out}", "--output.progress=false", "--output.ckpt_every=2",
-            "--methods=guard,none", "--ipc=2",
+            "--methods=sre2l:teacher=guard,sre2l:teacher=none", "--ipc=2",
             "--squeeze.model.width=4", "--squeeze.optim.epochs=1", "--squeeze.optim.lr=0.05", "--squeeze.val_batches=1",
             "--squeeze.objective.beta=0.01",
             "--recover.iterations=6", "--recover.batch_size=20", "--recover.lr=0.1", "--recover.jitter=1",
@@ -70,7 +70,7 @@ def test_report_has_every_attack_for_every_method(full_run):
         assert {"clean", "pgd100", "square", "autoattack", "cw", "mim"} <= r.keys()
         assert all(0 <= r[k] <= r["clean"] for k in ("pgd100", "autoattack", "mim"))
         assert f"| {r['label']} | {100 * r['clean']:.2f} |" in report
-    for name in ("robustness.png", "guard/ipc2/recover/grid.png", "none/ipc2/recover/grid.png"):
+    for name in ("robustness.png", "sre2l-teacher-guard/ipc2/recover/grid.png", "sre2l-teacher-none/ipc2/recover/grid.png"):
         assert (full_run / name).stat().st_size > 0 and name in report
     assert len(stages(full_run)) == 10 and not any(stages(full_run).values())
 
@@ -79,19 +79,20 @@ def test_rerun_skips_and_deleting_an_output_reruns_downstream(small_digits, full
     before = accuracies(full_run)
     pipeline(small_digits, full_run)
     assert all(stages(full_run).values()), stages(full_run)
-    (full_run / "none/ipc2/relabel/labels.json").unlink()
+    (full_run / "sre2l-teacher-none/ipc2/relabel/labels.json").unlink()
     pipeline(small_digits, full_run)
     ran = sorted(k for k, cached in stages(full_run).items() if not cached)
-    assert ran == ["none/ipc2/evaluate", "none/ipc2/relabel", "none/ipc2/train"]
+    assert ran == [f"sre2l-teacher-none/ipc2/{s}" for s in ("evaluate", "relabel", "train")]
     assert accuracies(full_run) == before  # deterministic stages reproduce the same numbers
     pipeline(small_digits, full_run, "--force=evaluate")
-    assert sorted(k for k, c in stages(full_run).items() if not c) == ["guard/ipc2/evaluate", "none/ipc2/evaluate"]
+    assert sorted(k for k, c in stages(full_run).items() if not c) == ["sre2l-teacher-guard/ipc2/evaluate",
+                                                                              "sre2l-teacher-none/ipc2/evaluate"]
 
 
 def test_killed_pipeline_resumes_to_the_same_report(small_digits, full_run, tmp_path):
     out = tmp_path / "killed"
     proc = pipeline(small_digits, out, wait=False)
-    marker = out / "guard/ipc2/train/checkpoints/latest.json"
+    marker = out / "sre2l-teacher-guard/ipc2/train/checkpoints/latest.json"
     deadline = time.time() + 600
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -100,18 +101,18 @@ def test_killed_pipeline_resumes_to_the_same_report(small_digits, full_run, tmp_
     proc.wait()
     assert not (out / "results.json").exists()
     r = pipeline(small_digits, out)
-    assert "guard/ipc2/train: resuming" in r.stdout
+    assert "sre2l-teacher-guard/ipc2/train: resuming" in r.stdout
     assert accuracies(out) == accuracies(full_run)
 
 
 @pytest.mark.parametrize("name", ["demo.toml", "pipeline-imagenette.toml", "pipeline-tiny-imagenet.toml",
                                   "pipeline-imagenet-1k.toml"])
 def test_pipeline_presets_load(name):
-    from guard_fast.config import load_config
     from guard_fast.pipeline import PipelineConfig
+    from guard_fast.runtime.config import load_config
 
     cfg = load_config(PipelineConfig, REPO / "configs" / name)
-    assert cfg.methods == ["guard", "none"]
+    assert cfg.methods == ["sre2l:teacher=guard", "sre2l:teacher=none"]
     if name != "demo.toml":  # the paper's settings (SPEC sections 2-5)
         assert cfg.ipc == [10, 50, 100] and cfg.recover.iterations == 2000 and cfg.train.optim.epochs == 300
         assert (cfg.train.optim.name, cfg.train.optim.lr, cfg.train.temperature) == ("adamw", 1e-3, 20.0)
@@ -123,14 +124,53 @@ def test_pipeline_presets_load(name):
 def test_stage_presets_load(stage):
     import importlib
 
-    from guard_fast.config import load_config
+    from guard_fast.runtime.config import load_config
 
-    module = importlib.import_module(f"guard_fast.{stage}")
+    module = importlib.import_module({"recover": "guard_fast.distill.recover", "relabel": "guard_fast.distill.relabel",
+                                      "train": "guard_fast.student.kd"}[stage])
     cls = getattr(module, f"{stage.capitalize()}Config")
     assert load_config(cls, REPO / "configs" / f"{stage}-digits.toml").data.dataset == "digits"
 
 
 def test_bad_pipeline_config_is_one_line():
-    r = subprocess.run([PYTHON, "-m", "guard_fast.cli", "pipeline", "--methods=guard,cure"], capture_output=True,
+    r = subprocess.run([PYTHON, "-m", "launchers.cli", "pipeline", "--methods=sre2l:teacher=guard,cure"], capture_output=True,
                        text=True, env=subprocess_env(), cwd=REPO, timeout=300)
     assert r.returncode == 2 and "methods" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_method_registry_plans_shared_teachers_and_labels(tmp_path):
+    """sre2l and cda with the same teacher share its squeeze folder; cda turns recover's curriculum on; labels come
+    from the method; the evaluate stage attacks the method's own student."""
+    from guard_fast.pipeline import PipelineConfig, plan_pipeline
+    from guard_fast.runtime.config import load_config
+
+    cfg = load_config(PipelineConfig, None, ["--methods=sre2l:teacher=guard,cda:teacher=guard:curriculum=linear,"
+                                             "cda:teacher=none:label=Mine", "--ipc=1,3"])
+    chains = plan_pipeline(cfg, tmp_path)
+    assert [(label, ipc) for label, ipc, _ in chains] == [("GUARD", 1), ("GUARD", 3), ("GUARD(CDA)", 1),
+                                                          ("GUARD(CDA)", 3), ("Mine", 1), ("Mine", 3)]
+    by = {(label, ipc): {s.kind: s for s in stages} for label, ipc, stages in chains}
+    assert by[("GUARD", 1)]["squeeze"].folder == by[("GUARD(CDA)", 3)]["squeeze"].folder == tmp_path / "teachers/guard"
+    assert by[("Mine", 1)]["squeeze"].config.objective.name == "none"
+    assert by[("GUARD", 1)]["recover"].config.curriculum == "off"
+    assert by[("GUARD(CDA)", 3)]["recover"].config.curriculum == "linear"
+    assert by[("GUARD(CDA)", 3)]["recover"].config.ipc == 3
+    ev = by[("GUARD", 3)]["evaluate"]
+    assert ev.config.checkpoints == [str(tmp_path / "sre2l-teacher-guard/ipc3/train/student.pt")]
+    assert ev.config.labels == ["GUARD IPC 3"] and ev.inputs == [by[("GUARD", 3)]["train"].folder]
+
+
+@pytest.mark.parametrize("methods, message", [
+    ("guard", "the method is 'sre2l:teacher=guard'"),
+    ("sre2l:teacher=fancy", "valid values"),
+    ("sre2l:color=red", "no option 'color'"),
+    ("sre2l:teacher", "options look like"),
+    ("sre2l,sre2l", "listed twice"),
+])
+def test_bad_methods_are_refused(methods, message):
+    from guard_fast.pipeline import PipelineConfig
+    from guard_fast.runtime.config import load_config
+    from guard_fast.runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(PipelineConfig, None, [f"--methods={methods}"])

@@ -117,8 +117,8 @@ def test_config_errors_exit_2(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("squeeze-*.toml")), ids=lambda p: p.name)
 def test_presets_load(path):
-    from guard_fast.config import load_config
-    from guard_fast.squeeze import SqueezeConfig
+    from guard_fast.runtime.config import load_config
+    from guard_fast.squeeze.stage import SqueezeConfig
 
     cfg = load_config(SqueezeConfig, path)
     assert cfg.objective.name in ("guard", "none")

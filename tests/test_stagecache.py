@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from guard_fast.stagecache import StageRunner
+from guard_fast.runtime.stagecache import StageRunner
 
 
 def _pipeline(root, calls, force=(), cfg_a=1, crash_b=False):

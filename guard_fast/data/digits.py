@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from guard_fast.io import atomic_json, atomic_write
+from guard_fast.runtime.io import atomic_json, atomic_write
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from guard_fast.config import DataConfig
+from guard_fast.data.batches import Loader
 from guard_fast.data.folder import ShardSampler, read_rgb, scan_folder
-from guard_fast.data.loader import Loader
 from guard_fast.data.presets import DatasetSpec
-from guard_fast.errors import GuardFastError
+from guard_fast.runtime.config import DataConfig
+from guard_fast.runtime.errors import GuardFastError
 
 
 class _FolderForWriter:

@@ -10,8 +10,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
-from guard_fast.augment import center_crop_box, resized_crop, sample_rrc
-from guard_fast.errors import GuardFastError
+from guard_fast.data.augment import center_crop_box, resized_crop, sample_rrc
+from guard_fast.runtime.errors import GuardFastError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from guard_fast.config import DataConfig
-from guard_fast.errors import ConfigError
+from guard_fast.runtime.config import DataConfig
+from guard_fast.runtime.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

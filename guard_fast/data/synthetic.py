@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from guard_fast.errors import GuardFastError
-from guard_fast.io import atomic_json, atomic_write
+from guard_fast.runtime.errors import GuardFastError
+from guard_fast.runtime.io import atomic_json, atomic_write
 
 MANIFEST = "manifest.json"
 

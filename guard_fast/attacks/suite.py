@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torchattacks
 
-from guard_fast.errors import ConfigError
+from guard_fast.runtime.errors import ConfigError
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config

@@ -16,19 +16,18 @@ from typing import Any, Iterable
 import torch
 from tqdm import tqdm
 
-from guard_fast import distributed as D
-from guard_fast.attacks import ATTACKS, AttackConfig, build_attack, settings
-from guard_fast.config import DataConfig, DistConfig, ModelConfig, OutputConfig
+from guard_fast.attacks.suite import ATTACKS, AttackConfig, build_attack, settings
 from guard_fast.data import build_loader
 from guard_fast.data.loader import split_path
 from guard_fast.data.presets import DatasetSpec
-from guard_fast.distributed import DistInfo
-from guard_fast.errors import ConfigError, GuardFastError
-from guard_fast.io import atomic_json, atomic_text
-from guard_fast.models import Classifier, build_model
-from guard_fast.report import bar_chart, evaluation_rows, markdown_report, row_metrics
-from guard_fast.runinfo import RunDir, environment
-from guard_fast.squeeze import prepare_model
+from guard_fast.models import Classifier, ModelConfig, model_from_config, prepare_model
+from guard_fast.robustness.report import bar_chart, evaluation_rows, markdown_report, row_metrics
+from guard_fast.runtime import distributed as D
+from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
+from guard_fast.runtime.distributed import DistInfo
+from guard_fast.runtime.errors import ConfigError, GuardFastError
+from guard_fast.runtime.io import atomic_json, atomic_text
+from guard_fast.runtime.rundir import RunDir, environment
 
 
 @dataclass
@@ -173,7 +172,7 @@ def notes(cfg: AttackConfig) -> list[str]:
 def load_model(cfg: EvaluateConfig, spec: DatasetSpec, path: str) -> Classifier:
     """The configured network with `path` loaded strictly; a mismatch names the file and what was expected."""
     try:
-        return build_model(cfg.model.arch, spec.num_classes, spec.mean, spec.std, cfg.model.width, path)
+        return model_from_config(cfg.model, spec, path)
     except GuardFastError as e:
         raise GuardFastError(f"{e} (expected model.arch = {cfg.model.arch}, model.width = {cfg.model.width}, "
                              f"{spec.num_classes} classes from data.dataset/data.num_classes)") from None

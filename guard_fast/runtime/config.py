@@ -11,7 +11,6 @@ import ast
 import dataclasses
 import functools
 import inspect
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +18,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, TypeVar
 
-from guard_fast.errors import ConfigError
+import tomllib
+
+from guard_fast.runtime.errors import ConfigError
 
 C = TypeVar("C")
 
@@ -71,28 +72,6 @@ class DataConfig:
             raise ConfigError("data.mean and data.std take 3 values (one per RGB channel) or none")
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"data.std = {self.std}: every value must be > 0")
-
-
-@dataclass
-class ModelConfig:
-    arch: str = "resnet18-cifar"
-    """network: resnet18 (ImageNet stem, 224 px), resnet18-tiny (3x3 stem, 64 px), resnet18-cifar (3x3 stem, 32 px)"""
-    width: int = 64
-    """channels of the first stage (64 is ResNet-18; tests use 8)"""
-    checkpoint: str = ""
-    """state dict to load strictly before the stage starts (empty = fresh initialization)"""
-    channels_last: bool = False
-    """use the channels_last memory format (faster convolutions on CUDA)"""
-    compile: bool = False
-    """wrap the model in torch.compile (first-order paths only: compile cannot do double backward)"""
-
-    def validate(self) -> None:
-        from guard_fast.models import MODELS
-
-        if self.arch not in MODELS:
-            raise ConfigError(f"model.arch = {self.arch!r}: valid values are {', '.join(sorted(MODELS))}")
-        if self.width < 1:
-            raise ConfigError(f"model.width = {self.width}: must be >= 1")
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Training-time L-inf attacks in [0,1] pixel space (the model normalizes internally).
 
 Every attack runs the model in eval mode (BatchNorm running statistics, no updates) and restores its mode; the
-result lies in the eps ball around x and in [0,1]. Evaluation uses torchattacks (guard_fast.attacks); these are the
-light-weight versions adversarial training and squeeze's quick robust validation need.
+result lies in the eps ball around x and in [0,1]. Evaluation uses torchattacks (guard_fast.attacks.suite); these are
+the light-weight versions adversarial training and quick robust validation need.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import importlib
 import sys
 from typing import Callable
 
-from guard_fast.errors import GuardFastError
+from guard_fast.runtime.errors import GuardFastError
 
 # command -> launcher module with `main(argv) -> int`; plain dict, no plugin magic.
 COMMANDS = {

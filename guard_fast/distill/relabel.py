@@ -10,26 +10,23 @@ after a restart.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from guard_fast import distributed as D
-from guard_fast.config import DataConfig, DistConfig, ModelConfig, OutputConfig
 from guard_fast.data.presets import resolve_dataset
+from guard_fast.data.soft_labels import LABELS, epoch_path
 from guard_fast.data.synthetic import SyntheticSet, load_synthetic
-from guard_fast.distributed import DistInfo
-from guard_fast.errors import ConfigError, GuardFastError
-from guard_fast.io import atomic_json, atomic_torch_save, file_sha256, saved_with_key
-from guard_fast.models import build_model
-from guard_fast.runinfo import RunDir
-from guard_fast.views import EpochPlan, ViewConfig, plan_epoch, render
-
-LABELS = "labels.json"
+from guard_fast.data.views import EpochPlan, ViewConfig, plan_epoch, render
+from guard_fast.models import ModelConfig, model_from_config
+from guard_fast.runtime import distributed as D
+from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
+from guard_fast.runtime.distributed import DistInfo
+from guard_fast.runtime.errors import ConfigError, GuardFastError
+from guard_fast.runtime.io import atomic_json, atomic_torch_save, file_sha256, saved_with_key
+from guard_fast.runtime.rundir import RunDir
 
 
 @dataclass
@@ -82,7 +79,7 @@ def run_relabel(cfg: RelabelConfig, info: DistInfo) -> dict[str, Any]:
     spec = resolve_dataset(cfg.data)
     images = load_synthetic(cfg.images, spec.num_classes)
     size = spec.image_size
-    teacher = build_model(cfg.model.arch, spec.num_classes, spec.mean, spec.std, cfg.model.width, cfg.model.checkpoint)
+    teacher = model_from_config(cfg.model, spec)
     teacher = teacher.to(info.device).eval().requires_grad_(False)
     if len(images.labels) < cfg.views.batch_size:
         raise GuardFastError(f"views.batch_size = {cfg.views.batch_size} exceeds the {len(images.labels)} images in "
@@ -90,7 +87,7 @@ def run_relabel(cfg: RelabelConfig, info: DistInfo) -> dict[str, Any]:
     key = labels_key(images.content_hash, file_sha256(cfg.model.checkpoint), cfg.views, cfg.topk, size)
     folder = run.path / "labels"
     mine = [e for e in range(cfg.epochs) if e % info.world == info.rank]
-    todo = [e for e in mine if not saved_with_key(folder / f"epoch_{e:05d}.pt", key)]
+    todo = [e for e in mine if not saved_with_key(epoch_path(run.path, e), key)]
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="relabel", unit="epoch",
                disable=not (info.is_main and cfg.output.progress))
     for n, e in enumerate(todo):
@@ -100,7 +97,7 @@ def run_relabel(cfg: RelabelConfig, info: DistInfo) -> dict[str, Any]:
         plan = plan_epoch(len(images.labels), size, cfg.views, e)
         record = {"key": key, "epoch": e, **plan.to_dict(),
                   **label_epoch(teacher, images, plan, size, cfg.topk, info.device)}
-        atomic_torch_save(folder / f"epoch_{e:05d}.pt", record)
+        atomic_torch_save(epoch_path(run.path, e), record)
         bar.update(1)
     bar.close()
     D.barrier()  # every epoch file is on disk
@@ -113,44 +110,3 @@ def run_relabel(cfg: RelabelConfig, info: DistInfo) -> dict[str, Any]:
         atomic_json(run.path / LABELS, meta)
         tqdm.write(f"relabel: {cfg.epochs} epochs, {nbytes / 2**20:.2f} MiB in {folder}")
     return {"bytes": nbytes, "epochs": cfg.epochs}
-
-
-class StoredLabels:
-    """Reader for relabel's output, checked against the image set and view config the student uses."""
-
-    def __init__(self, root: str | Path, images: SyntheticSet, views: ViewConfig, epochs: int):
-        self.root = Path(root)
-        path = self.root / LABELS
-        if not path.is_file():
-            raise GuardFastError(f"{path} not found: run guard-fast relabel first (or set soft_labels = 'online')")
-        self.meta = json.loads(path.read_text())
-        if self.meta["images_hash"] != images.content_hash:
-            raise GuardFastError(f"{path}: soft labels were produced for a different image set "
-                                 f"(images_hash {self.meta['images_hash'][:12]} vs {images.content_hash[:12]}); "
-                                 "rerun relabel on these images")
-        if self.meta["views_key"] != views.key():
-            raise GuardFastError(f"{path}: soft labels use views {self.meta['views']}, the student config has "
-                                 f"{asdict(views)}; make the [views] sections equal")
-        if epochs > self.meta["epochs"]:
-            raise GuardFastError(f"{path}: {self.meta['epochs']} epochs of soft labels, but optim.epochs = {epochs}")
-        self.num_classes = int(self.meta["num_classes"])
-
-    def epoch(self, e: int) -> tuple[EpochPlan, torch.Tensor]:
-        """(plan, logits float (V, C)) of epoch e; top-k files expand to -inf outside the stored classes."""
-        path = self.root / "labels" / f"epoch_{e:05d}.pt"
-        try:
-            rec = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as ex:
-            raise GuardFastError(f"{path}: unreadable soft-label file ({type(ex).__name__}); rerun relabel") from None
-        if rec.get("key") != self.meta["key"]:
-            raise GuardFastError(f"{path}: written by another relabel configuration; rerun relabel")
-        plan = EpochPlan.from_dict(rec)
-        if "logits" in rec:
-            logits = rec["logits"].float()
-        else:
-            logits = torch.full((len(plan.order), self.num_classes), float("-inf"))
-            logits.scatter_(1, rec["topk_indices"].long(), rec["topk_values"].float())
-        if logits.shape != (len(plan.order), self.num_classes):
-            raise GuardFastError(f"{path}: logits of shape {tuple(logits.shape)}, expected "
-                                 f"({len(plan.order)}, {self.num_classes}); rerun relabel")
-        return plan, logits

@@ -8,30 +8,26 @@ batch of views.batch_size is split into contiguous per-rank slices, so the views
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from guard_fast.config import DataConfig, DistConfig, ModelConfig, OutputConfig
+from guard_fast.attacks.accuracy import accuracy
 from guard_fast.data import build_loader
 from guard_fast.data.presets import resolve_dataset
+from guard_fast.data.soft_labels import StoredLabels
 from guard_fast.data.synthetic import load_synthetic
-from guard_fast.distributed import DistInfo
-from guard_fast.engine import Checkpointer, OptimConfig, build_engine, build_optimizer, build_scheduler
-from guard_fast.errors import ConfigError, GuardFastError
-from guard_fast.io import atomic_json
-from guard_fast.models import build_model, save_checkpoint
-from guard_fast.relabel import StoredLabels
-from guard_fast.runinfo import RunDir
-from guard_fast.squeeze import prepare_model
-from guard_fast.validate import accuracy
-from guard_fast.views import EpochPlan, ViewConfig, num_batches, plan_epoch, rank_positions, render
+from guard_fast.data.views import EpochPlan, ViewConfig, num_batches, plan_epoch, rank_positions, render
+from guard_fast.models import ModelConfig, model_from_config, prepare_model
+from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
+from guard_fast.runtime.distributed import DistInfo
+from guard_fast.runtime.engine import OptimConfig
+from guard_fast.runtime.errors import ConfigError, GuardFastError
+from guard_fast.runtime.loop import build_trainer
+from guard_fast.runtime.rundir import RunDir
 
 SOFT_LABELS = ("stored", "online")
 
@@ -118,30 +114,17 @@ def run_train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     stored = StoredLabels(cfg.labels, images, cfg.views, cfg.optim.epochs) if cfg.soft_labels == "stored" else None
     teacher = None
     if stored is None:
-        t = cfg.teacher
-        teacher = build_model(t.arch, spec.num_classes, spec.mean, spec.std, t.width, t.checkpoint)
-        teacher = teacher.to(info.device).eval().requires_grad_(False)
+        teacher = model_from_config(cfg.teacher, spec).to(info.device).eval().requires_grad_(False)
     val = build_loader(cfg.data, "val", rank=info.rank, world=info.world, device=info.device)
     torch.manual_seed(cfg.dist.seed)  # identical student initialization on every rank
-    model = build_model(cfg.model.arch, spec.num_classes, spec.mean, spec.std, cfg.model.width, cfg.model.checkpoint)
-    model = prepare_model(model.to(info.device), cfg.model)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch // cfg.optim.grad_accum)
-    engine = build_engine(model, optimizer, scheduler, cfg.dist, cfg.optim, cfg.views.batch_size // info.world,
-                          info.device)
+    model = prepare_model(model_from_config(cfg.model, spec).to(info.device), cfg.model)
+    trainer = build_trainer(model, cfg.optim, cfg.dist, cfg.output, micro_batch=cfg.views.batch_size // info.world,
+                            steps_per_epoch=steps_per_epoch, run=run, info=info, resume=cfg.resume,
+                            stop_after=cfg.stop_after, desc="train")
+    engine = trainer.engine
     dtype = torch.bfloat16 if cfg.dist.precision == "bf16" else torch.float32
-    ckpt = Checkpointer(run.path / "checkpoints", engine)
-    step = 0
-    if cfg.resume and (loaded := ckpt.load()) is not None:
-        step = loaded[0]
-        if info.is_main:
-            print(f"resumed from step {step}")
-    total = cfg.optim.epochs * steps_per_epoch
-    bar = tqdm(total=total, initial=step, desc="train", disable=not (info.is_main and cfg.output.progress))
     metrics: dict[str, Any] = {}
-    t_log, n_log = time.time(), 0
-    while step < total:
-        epoch, offset = divmod(step, steps_per_epoch)
+    for epoch, offset in trainer.epochs():
         plan, logits = stored.epoch(epoch) if stored else (plan_epoch(n, size, cfg.views, epoch), None)
         batches = DataLoader(RankBatches(images.pixels, plan, info.rank, info.world, size), batch_size=None,
                              sampler=range(offset, steps_per_epoch), num_workers=cfg.render_workers)
@@ -155,32 +138,11 @@ def run_train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             loss = kd_loss(engine(x), target, cfg.temperature)
             engine.backward(loss)
             engine.step()
-            step += 1
-            n_log += len(x)
-            bar.update(1)
-            if step % cfg.output.log_every == 0:
-                rate = n_log * info.world / (time.time() - t_log)
-                rec = {"step": step, "epoch": epoch, "loss": float(loss.detach()),  # host sync: log interval
-                       "lr": scheduler.get_last_lr()[0], "images_per_s": rate}
-                if not math.isfinite(rec["loss"]):
-                    raise GuardFastError(f"non-finite loss at step {step}; lower optim.lr")
-                run.log(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rate:.0f}", lr=f"{rec['lr']:.2e}")
-                t_log, n_log = time.time(), 0
-            if cfg.output.ckpt_every and step % cfg.output.ckpt_every == 0:
-                ckpt.save(step, {"epoch": epoch})
-            if cfg.stop_after and step >= cfg.stop_after:
-                bar.close()
-                return {"stopped_at": step}
-        ckpt.save(step, {"epoch": epoch})
+            if trainer.step_done(loss, {}, len(x)):
+                return trainer.stopped()
+        trainer.end_epoch(epoch)
         if epoch + 1 == cfg.optim.epochs or (cfg.val_every and (epoch + 1) % cfg.val_every == 0):
             metrics = accuracy(engine.module, val, max_batches=cfg.val_batches, dtype=dtype)
-            run.log({"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in metrics.items()}})
-            if info.is_main:
-                tqdm.write(f"epoch {epoch}: val clean accuracy {metrics['clean']:.4f}")
-    bar.close()
-    result = {"steps": step, "soft_labels": cfg.soft_labels, "images": n, "val": metrics}
-    if info.is_main:
-        save_checkpoint(engine.module, run.path / "student.pt")
-        atomic_json(run.path / "result.json", result)
-    return result
+            trainer.log_validation(epoch, metrics)
+    return trainer.finish("student.pt", {"steps": trainer.step, "soft_labels": cfg.soft_labels, "images": n,
+                                         "val": metrics})

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from guard_fast.augment import resized_crop, sample_rrc
-from guard_fast.errors import ConfigError
+from guard_fast.data.augment import resized_crop, sample_rrc
+from guard_fast.runtime.errors import ConfigError
 
 
 @dataclass

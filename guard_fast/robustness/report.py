@@ -28,8 +28,8 @@ import io
 from pathlib import Path
 from typing import Any, Sequence
 
-from guard_fast.attacks import ATTACKS
-from guard_fast.io import atomic_write
+from guard_fast.attacks.suite import ATTACKS
+from guard_fast.runtime.io import atomic_write
 
 # Report columns in the paper's order (SPEC section 6): key in a row -> header.
 COLUMNS: dict[str, str] = {"clean": "Clean", **{name: spec.column for name, spec in ATTACKS.items()}}

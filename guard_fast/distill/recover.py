@@ -19,17 +19,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from guard_fast import distributed as D
-from guard_fast.augment import resized_crop, sample_rrc
-from guard_fast.config import DataConfig, DistConfig, ModelConfig, OutputConfig
+from guard_fast.data.augment import resized_crop, sample_rrc
 from guard_fast.data.folder import scan_folder
 from guard_fast.data.presets import resolve_dataset
 from guard_fast.data.synthetic import to_uint8, write_synthetic
-from guard_fast.distributed import DistInfo
-from guard_fast.errors import ConfigError, GuardFastError
-from guard_fast.io import atomic_json, atomic_torch_save, atomic_write, file_sha256, saved_with_key
-from guard_fast.models import Classifier, build_model
-from guard_fast.runinfo import RunDir
+from guard_fast.models import Classifier, ModelConfig, model_from_config
+from guard_fast.runtime import distributed as D
+from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
+from guard_fast.runtime.distributed import DistInfo
+from guard_fast.runtime.errors import ConfigError, GuardFastError
+from guard_fast.runtime.io import atomic_json, atomic_torch_save, atomic_write, file_sha256, saved_with_key
+from guard_fast.runtime.rundir import RunDir
 
 CURRICULA = ("off", "step", "linear", "cosine")
 
@@ -174,7 +174,7 @@ def recover_chunk(teacher: Classifier, labels: torch.Tensor, cfg: RecoverConfig,
     return teacher.denormalize(u.detach()).clamp(0, 1), history
 
 
-def config_key(cfg: RecoverConfig, spec_dict: dict[str, Any]) -> str:
+def images_key(cfg: RecoverConfig, spec_dict: dict[str, Any]) -> str:
     """Hash of everything that determines the images (not the output folder, progress or world size)."""
     c = asdict(cfg)
     c.pop("output"), c.pop("stop_after"), c.pop("grid_classes")
@@ -219,8 +219,8 @@ def run_recover(cfg: RecoverConfig, info: DistInfo) -> dict[str, Any]:
     run = RunDir(cfg.output.dir, cfg, is_main=info.is_main, device=info.device)
     spec = resolve_dataset(cfg.data)
     size = spec.image_size
-    key = config_key(cfg, asdict(spec))
-    teacher = build_model(cfg.model.arch, spec.num_classes, spec.mean, spec.std, cfg.model.width, cfg.model.checkpoint)
+    key = images_key(cfg, asdict(spec))
+    teacher = model_from_config(cfg.model, spec)
     teacher = teacher.to(info.device).eval().requires_grad_(False)
     chunks = chunk_items(spec.num_classes, cfg.ipc, cfg.batch_size)
     mine = list(range(info.rank, len(chunks), info.world))
@@ -274,7 +274,7 @@ def _assemble(root: Path, folder: Path, num_chunks: int, key: str, cfg: RecoverC
     items = [entries[j] for j in order]
     pixels = to_uint8(torch.stack([images[j] for j in order]))
     classes = class_names(cfg.data, num_classes)
-    meta = {"config_key": key, "ipc": cfg.ipc, "image_size": size, "dataset": cfg.data.dataset,
+    meta = {"images_key": key, "ipc": cfg.ipc, "image_size": size, "dataset": cfg.data.dataset,
             "teacher": cfg.model.checkpoint, "iterations": cfg.iterations, "curriculum": cfg.curriculum}
     manifest = write_synthetic(root, pixels, items, classes, meta)
     labels = torch.tensor([it["label"] for it in items])

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from guard_fast.config import DistConfig
+from guard_fast.runtime.config import DistConfig
 
 
 @dataclass(frozen=True)

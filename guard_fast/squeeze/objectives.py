@@ -18,9 +18,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from guard_fast.adversarial import fgsm_rs, pgd, trades_attack
-from guard_fast.errors import ConfigError
+from guard_fast.attacks.pgd import fgsm_rs, pgd, trades_attack
 from guard_fast.models import Classifier
+from guard_fast.runtime.errors import ConfigError
 
 Stats = dict[str, torch.Tensor]
 STRATEGIES = ("reference", "batched", "reuse")
@@ -185,7 +185,7 @@ def grad_norm(model: Classifier, x, y, cfg: ObjectiveConfig) -> tuple[torch.Tens
 
 # --------------------------------------------------------------------------------------- baselines and plain CE
 
-def plain(model: Classifier, x, y, cfg: ObjectiveConfig) -> tuple[torch.Tensor, Stats]:
+def cross_entropy_only(model: Classifier, x, y, cfg: ObjectiveConfig) -> tuple[torch.Tensor, Stats]:
     ce = train_ce(model, x, y)
     return ce, {"ce": ce.detach(), "reg": torch.zeros_like(ce.detach())}
 
@@ -216,7 +216,7 @@ def trades(model: Classifier, x, y, cfg: ObjectiveConfig) -> tuple[torch.Tensor,
 
 
 OBJECTIVES: dict[str, Callable] = {
-    "none": plain,
+    "none": cross_entropy_only,
     "guard": guard,
     "guard-curvature": guard_curvature,
     "grad-norm": grad_norm,

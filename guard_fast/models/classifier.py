@@ -1,7 +1,7 @@
-"""ResNet-18 variants that take [0,1] images: normalization is the model's first layer.
+"""The [0,1]-image classifier wrapper and its strict, weights-only checkpoint format.
 
 `Classifier.body` is the network on normalized inputs u = (x - mean) / std; the GUARD regularizers perturb u, the
-attacks perturb x. Module names match torchvision's resnet18, so its state dicts load into `resnet18`'s body.
+attacks perturb x.
 """
 
 from __future__ import annotations
@@ -12,66 +12,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from guard_fast.errors import GuardFastError
-from guard_fast.io import atomic_torch_save
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.downsample = None
-        if stride != 1 or c_in != c_out:
-            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
-
-
-class ResNet18(nn.Module):
-    """ResNet-18 on normalized inputs. stem='imagenet': 7x7/2 conv + max-pool (224 px); 'small': 3x3/1 conv, no pool
-    (SRe2L's Tiny-ImageNet stem, also the usual CIFAR stem)."""
-
-    def __init__(self, num_classes: int, width: int = 64, stem: str = "imagenet"):
-        super().__init__()
-        if stem == "imagenet":
-            self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
-            self.maxpool: nn.Module = nn.MaxPool2d(3, 2, 1)
-        else:
-            self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
-            self.maxpool = nn.Identity()
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=True)
-        widths = [width, 2 * width, 4 * width, 8 * width]
-        c_in = width
-        for i, (w, stride) in enumerate(zip(widths, (1, 2, 2, 2))):
-            setattr(self, f"layer{i + 1}", nn.Sequential(BasicBlock(c_in, w, stride), BasicBlock(w, w, 1)))
-            c_in = w
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(c_in, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, u: torch.Tensor) -> torch.Tensor:  # u: (B, 3, H, W) normalized
-        x = self.maxpool(self.relu(self.bn1(self.conv1(u))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))  # (B, num_classes)
-
-
-MODELS = {
-    "resnet18": lambda num_classes, width: ResNet18(num_classes, width, stem="imagenet"),
-    "resnet18-tiny": lambda num_classes, width: ResNet18(num_classes, width, stem="small"),
-    # Same network as resnet18-tiny; the name follows the 32 px literature so presets read naturally.
-    "resnet18-cifar": lambda num_classes, width: ResNet18(num_classes, width, stem="small"),
-}
+from guard_fast.runtime.errors import GuardFastError
+from guard_fast.runtime.io import atomic_torch_save
 
 
 class Classifier(nn.Module):
@@ -91,16 +33,6 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(self.normalize(x))
-
-
-def build_model(arch: str, num_classes: int, mean: Sequence[float], std: Sequence[float], width: int = 64,
-                checkpoint: str = "") -> Classifier:
-    if arch not in MODELS:
-        raise GuardFastError(f"unknown model {arch!r}; valid: {', '.join(sorted(MODELS))}")
-    model = Classifier(MODELS[arch](num_classes, width), mean, std)
-    if checkpoint:
-        load_checkpoint(model, checkpoint)
-    return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from guard_fast import distributed as D
-from guard_fast.adversarial import pgd
+from guard_fast.attacks.pgd import pgd
+from guard_fast.runtime import distributed as D
 
 
 def accuracy(model: torch.nn.Module, loader, eps: list[float] = (), pgd_steps: int = 10, max_batches: int = 0,

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from guard_fast import distributed as D
-from guard_fast.io import atomic_json
+from guard_fast.runtime import distributed as D
+from guard_fast.runtime.io import atomic_json
 
 STAGE_FILE = "stage.json"
 
 
-def config_key(stage: str, config: dict[str, Any], inputs: list[str]) -> str:
+def stage_key(stage: str, config: dict[str, Any], inputs: list[str]) -> str:
     blob = json.dumps({"stage": stage, "config": config, "inputs": inputs}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -74,7 +74,7 @@ class StageRunner:
         """`fn(folder, resume) -> {output name: relative path}` runs the stage (on every rank); `kind` is the stage
         type matched against --force (defaults to `name`)."""
         folder = Path(folder)
-        key = config_key(kind or name, config, [u.completion_id for u in upstream])
+        key = stage_key(kind or name, config, [u.completion_id for u in upstream])
         have = _read(folder)
         cached = (have is not None and have.get("key") == key and (kind or name) not in self.force
                   and all((folder / p).exists() for p in have.get("outputs", {}).values()))

@@ -1,4 +1,4 @@
-"""Training engine: optimizer, cosine schedule, DeepSpeed engine, crash-safe checkpoints.
+"""Training engine: optimizer, cosine schedule, DeepSpeed engine (checkpoints: runtime/checkpoint.py).
 
 API (used by squeeze and the student trainer):
 - `OptimConfig`: the `optim` config section.
@@ -6,28 +6,21 @@ API (used by squeeze and the student trainer):
 - `build_scheduler(optimizer, cfg, steps_per_epoch)`: per-optimizer-step cosine with optional linear warmup.
 - `build_engine(model, optimizer, scheduler, dist_cfg, optim_cfg, micro_batch)`: a DeepSpeed engine (ZeRO 0/1/2,
   fp32 or bf16, gradient accumulation and clipping); joins or creates the process group first.
-- `Checkpointer(folder, engine)`: `save(step, state)` / `load() -> (step, state) | None`. A checkpoint counts only
-  once complete: DeepSpeed writes a tag folder on every rank, then rank 0 atomically rewrites `latest.json`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from guard_fast import distributed as D
-from guard_fast.config import DistConfig
-from guard_fast.errors import ConfigError, GuardFastError
-from guard_fast.io import atomic_json
+from guard_fast.runtime.config import DistConfig
+from guard_fast.runtime.errors import ConfigError
 
 
 @dataclass
@@ -132,51 +125,3 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sched
                                            config=deepspeed_config(dist_cfg, optim_cfg, micro_batch),
                                            dist_init_required=False)
     return engine
-
-
-class Checkpointer:
-    """Checkpoints under `folder/<tag>/` (DeepSpeed's model, optimizer, scheduler state; ZeRO shards per rank) plus
-    `rng_rank<r>.pt`; `latest.json` names the newest complete one. Keeps the `keep` newest."""
-
-    def __init__(self, folder: str | Path, engine, keep: int = 2):
-        self.folder, self.engine, self.keep = Path(folder), engine, keep
-
-    def save(self, step: int, state: dict[str, Any]) -> None:
-        if (self.latest() or {}).get("step") == step:
-            # Already saved (e.g. a step-interval save that is also an epoch end): rewriting the files latest.json
-            # points to would leave no complete checkpoint if the process died mid-write.
-            return
-        tag = f"step{step:09d}"
-        self.engine.save_checkpoint(str(self.folder), tag=tag, client_state={"guard_fast": state},
-                                    save_latest=False)
-        torch.save({"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                   self.folder / tag / f"rng_rank{D.rank()}.pt")
-        D.barrier()  # every rank has written its part
-        if D.rank() == 0:
-            atomic_json(self.folder / "latest.json", {"tag": tag, "step": step})
-            tags = sorted(p.name for p in self.folder.glob("step*") if p.is_dir())
-            for old in tags[: max(0, len(tags) - self.keep)]:
-                shutil.rmtree(self.folder / old, ignore_errors=True)
-        D.barrier()
-
-    def latest(self) -> dict[str, Any] | None:
-        try:
-            return json.loads((self.folder / "latest.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-
-    def load(self) -> tuple[int, dict[str, Any]] | None:
-        """Restore the newest complete checkpoint into the engine; (step, client state) or None if there is none."""
-        latest = self.latest()
-        if latest is None:
-            return None
-        tag = latest["tag"]
-        path, client = self.engine.load_checkpoint(str(self.folder), tag=tag, load_module_strict=True)
-        if path is None:
-            raise GuardFastError(f"checkpoint {self.folder / tag} could not be loaded (incomplete or corrupt)")
-        rng = torch.load(self.folder / tag / f"rng_rank{D.rank()}.pt", weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"]:
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        return latest["step"], client["guard_fast"]

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from guard_fast import config as config_mod
-from guard_fast.io import append_jsonl, atomic_json, atomic_text
+from guard_fast.runtime import config as config_mod
+from guard_fast.runtime.io import append_jsonl, atomic_json, atomic_text
 
 PACKAGES = ("torch", "torchvision", "triton", "deepspeed", "ffcv", "numpy", "torchattacks")
 

@@ -1,0 +1,76 @@
+"""SRe2L (squeeze -> recover -> relabel -> train) and CDA (the same with recover's crop curriculum), with any squeeze
+objective as the teacher: GUARD is `sre2l:teacher=guard`, SRe2L+Adv is `sre2l:teacher=pgd-at`, GUARD(CDA) is
+`cda:teacher=guard`."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from guard_fast.distill.recover import CURRICULA, run_recover
+from guard_fast.distill.relabel import run_relabel
+from guard_fast.methods.base import Method, Stage, stage_config
+from guard_fast.squeeze.objectives import OBJECTIVES
+from guard_fast.squeeze.stage import run_squeeze
+from guard_fast.student.kd import run_train
+
+if TYPE_CHECKING:
+    from guard_fast.pipeline import PipelineConfig
+
+SRE2L_LABELS = {"none": "SRe2L", "guard": "GUARD", "pgd-at": "SRe2L+Adv"}
+CDA_LABELS = {"none": "CDA", "guard": "GUARD(CDA)"}
+
+
+def teacher_stage(cfg: PipelineConfig, objective: str, root: Path) -> Stage:
+    """The squeeze stage of a teacher objective; its folder is shared by every method using that teacher."""
+    folder = root / "teachers" / objective
+    squeeze = stage_config(cfg, "squeeze", folder)
+    squeeze.objective.name = objective
+    return Stage("squeeze", folder, squeeze, run_squeeze, {"teacher": "teacher.pt"})
+
+
+def plan_chain(cfg: PipelineConfig, teacher_objective: str, ipc: int, chain: Path, curriculum: str | None = None,
+               milestone: float | None = None) -> list[Stage]:
+    root = chain.parent.parent
+    sq = teacher_stage(cfg, teacher_objective, root)
+    teacher = copy.deepcopy(cfg.squeeze.model)
+    teacher.checkpoint, teacher.compile = str(sq.folder / "teacher.pt"), False
+    rc = stage_config(cfg, "recover", chain / "recover")
+    rc.model, rc.ipc = copy.deepcopy(teacher), ipc
+    if curriculum is not None:
+        rc.curriculum = curriculum
+    if milestone is not None:
+        rc.milestone = milestone
+    recover = Stage("recover", chain / "recover", rc, run_recover, {"manifest": "manifest.json", "grid": "grid.png"},
+                    [sq.folder])
+    tr = stage_config(cfg, "train", chain / "train")
+    tr.images, tr.labels, tr.teacher = str(recover.folder), str(chain / "relabel"), copy.deepcopy(teacher)
+    stages = [sq, recover]
+    if tr.soft_labels == "stored":
+        rl = stage_config(cfg, "relabel", chain / "relabel")
+        rl.model, rl.images = copy.deepcopy(teacher), str(recover.folder)
+        rl.views, rl.epochs = copy.deepcopy(cfg.train.views), cfg.train.optim.epochs
+        stages.append(Stage("relabel", chain / "relabel", rl, run_relabel, {"labels": "labels.json"},
+                            [recover.folder, sq.folder]))
+    stages.append(Stage("train", chain / "train", tr, run_train, {"student": "student.pt"},
+                        [recover.folder, stages[-1].folder]))
+    return stages
+
+
+def _sre2l(cfg: PipelineConfig, opts: dict[str, str], ipc: int, chain: Path) -> list[Stage]:
+    return plan_chain(cfg, opts.get("teacher", "none"), ipc, chain)
+
+
+def _cda(cfg: PipelineConfig, opts: dict[str, str], ipc: int, chain: Path) -> list[Stage]:
+    milestone = float(opts["milestone"]) if "milestone" in opts else None
+    return plan_chain(cfg, opts.get("teacher", "none"), ipc, chain, opts.get("curriculum", "cosine"), milestone)
+
+
+SRE2L = Method("sre2l", "SRe2L: squeeze a teacher, recover images by BatchNorm matching, relabel, train by KD",
+               {"teacher": tuple(OBJECTIVES)}, ("squeeze", "recover", "relabel", "train"),
+               lambda o: SRE2L_LABELS.get(o.get("teacher", "none"), f"SRe2L({o.get('teacher')})"), _sre2l)
+CDA = Method("cda", "CDA: SRe2L with recover's crop curriculum (default cosine; milestone from recover.milestone)",
+             {"teacher": tuple(OBJECTIVES), "curriculum": tuple(c for c in CURRICULA if c != "off"),
+              "milestone": None}, ("squeeze", "recover", "relabel", "train"),
+             lambda o: CDA_LABELS.get(o.get("teacher", "none"), f"CDA({o.get('teacher')})"), _cda)

@@ -1,0 +1,1 @@
+"""Robustness evaluation of trained models: the evaluate stage and its reports."""

@@ -1,0 +1,154 @@
+"""What every training loop shares: construction and the loop tail.
+
+`build_trainer` builds optimizer -> scheduler -> DeepSpeed engine -> checkpointer and resumes; the caller's loop is
+then only its own forward and loss:
+
+    for epoch, offset in trainer.epochs():
+        for x, y in <this epoch's batches from offset>:
+            loss, stats = ...
+            trainer.engine.backward(loss)
+            trainer.engine.step()
+            if trainer.step_done(loss, stats, len(y)):
+                return trainer.stopped()
+        trainer.end_epoch(epoch)
+    trainer.finish("teacher.pt", result)
+
+`step_done` is the tail: a lazy non-finite check of the loss and every stat (one device-side `where`, read only at
+log/checkpoint/finish points), progress bar, metrics at `log_every`, checkpoints at `ckpt_every` on accumulation
+boundaries, `stop_after`. Nothing is written from a non-finite state: every checkpoint and the final save check first.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from tqdm import tqdm
+
+from guard_fast.models import save_checkpoint
+from guard_fast.runtime.checkpoint import Checkpointer
+from guard_fast.runtime.config import DistConfig, OutputConfig
+from guard_fast.runtime.distributed import DistInfo
+from guard_fast.runtime.engine import OptimConfig, build_engine, build_optimizer, build_scheduler
+from guard_fast.runtime.errors import GuardFastError
+from guard_fast.runtime.io import atomic_json
+from guard_fast.runtime.rundir import RunDir
+
+
+@dataclass
+class Trainer:
+    engine: Any
+    scheduler: Any
+    ckpt: Checkpointer
+    run: RunDir
+    info: DistInfo
+    output: OutputConfig
+    grad_accum: int
+    steps_per_epoch: int
+    """micro-steps per epoch"""
+    total: int
+    """micro-steps of the whole run"""
+    stop_after: int
+    bar: tqdm
+    step: int = 0
+    first_bad: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    """0-dim long: the first micro-step whose loss or stats were non-finite (-1 = none yet); read lazily"""
+    _t_log: float = field(default_factory=time.time)
+    _n_log: int = 0
+
+    def __post_init__(self) -> None:
+        if self.first_bad is None:
+            self.first_bad = torch.full((), -1, dtype=torch.long, device=self.info.device)
+
+    def epochs(self) -> Iterator[tuple[int, int]]:
+        """(epoch, micro-steps of it already done) until the run is complete; a resumed epoch starts at its offset."""
+        while self.step < self.total:
+            yield divmod(self.step, self.steps_per_epoch)
+
+    def check_finite(self) -> None:
+        bad = int(self.first_bad)  # host sync: only at log/checkpoint/epoch/finish points
+        if bad >= 0:
+            last = self.ckpt.latest()
+            raise GuardFastError(f"non-finite loss at step {bad} (epoch {bad // self.steps_per_epoch}); stopped. Last "
+                                 f"good checkpoint: {last['tag'] if last else 'none'} in {self.ckpt.folder}")
+
+    def step_done(self, loss: torch.Tensor, stats: dict[str, torch.Tensor], images: int) -> bool:
+        """Call after engine.step(); True when the run must stop now (stop_after)."""
+        values = torch.stack([loss.detach().float(), *(v.detach().float() for v in stats.values())])
+        bad = ~torch.isfinite(values).all()
+        self.first_bad = torch.where((self.first_bad < 0) & bad, self.step, self.first_bad)
+        self.step += 1
+        self._n_log += images
+        self.bar.update(1)
+        if self.step % self.output.log_every == 0:
+            self.check_finite()
+            rate = self._n_log * self.info.world / (time.time() - self._t_log)
+            epoch = (self.step - 1) // self.steps_per_epoch
+            rec = {"step": self.step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0], "images_per_s": rate,
+                   "loss": float(loss.detach()), **{k: float(v) for k, v in stats.items()}}  # host sync: log interval
+            self.run.log(rec)
+            shown = {k: f"{rec[k]:.3g}" for k in ("loss", *stats)}
+            self.bar.set_postfix(**shown, img_s=f"{rate:.0f}", lr=f"{rec['lr']:.2e}")
+            self._t_log, self._n_log = time.time(), 0
+        boundary = self.step % self.grad_accum == 0
+        if boundary and self.output.ckpt_every and self.step % self.output.ckpt_every == 0:
+            self.save()
+        if self.stop_after and self.step >= self.stop_after:
+            self.bar.close()
+            return True
+        return False
+
+    def stopped(self) -> dict[str, Any]:
+        return {"stopped_at": self.step}
+
+    def save(self) -> None:
+        """A checkpoint of the current state, only if every step so far was finite."""
+        self.check_finite()
+        self.ckpt.save(self.step, {"epoch": (self.step - 1) // self.steps_per_epoch})
+
+    def end_epoch(self, epoch: int) -> None:
+        """Epoch end: check, and checkpoint if on an accumulation boundary (a checkpoint mid-accumulation would lose
+        the accumulated gradients)."""
+        self.check_finite()
+        if self.step % self.grad_accum == 0:
+            self.save()
+
+    def log_validation(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.run.log({"step": self.step, "epoch": epoch, **{f"val_{k}": v for k, v in metrics.items()}})
+        if self.info.is_main:
+            tqdm.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def finish(self, filename: str, result: dict[str, Any]) -> dict[str, Any]:
+        """Final check, then (rank 0) the weights-only model file and result.json in the run folder."""
+        self.check_finite()
+        self.bar.close()
+        if self.info.is_main:
+            save_checkpoint(self.engine.module, self.run.path / filename)
+            atomic_json(self.run.path / "result.json", result)
+        return result
+
+
+def build_trainer(model: torch.nn.Module, optim: OptimConfig, dist: DistConfig, output: OutputConfig, *,
+                  micro_batch: int, steps_per_epoch: int, run: RunDir, info: DistInfo, resume: bool,
+                  stop_after: int, desc: str, rng_seed: int | None = None) -> Trainer:
+    """optimizer -> scheduler (per optimizer step) -> DeepSpeed engine -> checkpointer -> (seed) -> resume.
+
+    `rng_seed` seeds the global torch RNG after construction and before resuming (a resumed run restores the RNG
+    state saved with the checkpoint instead)."""
+    optimizer = build_optimizer(model, optim)
+    scheduler = build_scheduler(optimizer, optim, steps_per_epoch // optim.grad_accum)
+    engine = build_engine(model, optimizer, scheduler, dist, optim, micro_batch, info.device)
+    ckpt = Checkpointer(run.path / "checkpoints", engine)
+    if rng_seed is not None:
+        torch.manual_seed(rng_seed)
+    step = 0
+    if resume and (loaded := ckpt.load()) is not None:
+        step = loaded[0]
+        if info.is_main:
+            print(f"resumed from step {step}")
+    total = optim.epochs * steps_per_epoch
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not (info.is_main and output.progress))
+    return Trainer(engine, scheduler, ckpt, run, info, output, optim.grad_accum, steps_per_epoch, total, stop_after,
+                   bar, step)

@@ -1,0 +1,1 @@
+"""Squeeze: train the teacher on real data with a GUARD regularizer or a baseline objective."""
