@@ -34,6 +34,7 @@ from guard_fast.models import Classifier, ModelConfig, build_model
 from guard_fast.runtime.config import DistConfig
 from guard_fast.runtime.errors import ConfigError
 from guard_fast.squeeze.objectives import (
+    BN_STATS,
     DOUBLE_BACKWARD,
     GUARD_STRATEGIES,
     OBJECTIVES,
@@ -42,6 +43,7 @@ from guard_fast.squeeze.objectives import (
 )
 
 DEFAULT_METHODS = ["none", "guard", "guard-curvature", "grad-norm", "pgd-at", "fgsm-rs", "trades"]
+BN_STATS_OBJECTIVES = ("guard", "guard-curvature", "grad-norm")  # objectives whose rows depend on bench.bn_stats
 VARIANTS = ("eager", "compiled")
 MIB = 2**20
 
@@ -52,6 +54,9 @@ class BenchSection:
     """objectives to measure, in this order within each repetition (none is always measured: ratios refer to it)"""
     guard_strategies: list[str] = field(default_factory=list)
     """strategies of the guard objective, one row each; empty = every registered strategy"""
+    bn_stats: list[str] = field(default_factory=lambda: ["updated"])
+    """BatchNorm statistics of the regularizers (objective.bn_stats: updated, snapshot), one row per value for guard,
+    guard-curvature and grad-norm"""
     pgd_steps: list[int] = field(default_factory=lambda: [10])
     """attack steps K of pgd-at, one row per K"""
     variants: list[str] = field(default_factory=lambda: ["eager"])
@@ -82,6 +87,8 @@ class BenchSection:
         bad = [s for s in self.guard_strategies if s not in GUARD_STRATEGIES]
         if bad:
             raise ConfigError(f"bench.guard_strategies: unknown {bad}; valid: {', '.join(GUARD_STRATEGIES)}")
+        if not self.bn_stats or any(m not in BN_STATS for m in self.bn_stats):
+            raise ConfigError(f"bench.bn_stats = {self.bn_stats}: choose one or more of {', '.join(BN_STATS)}")
         bad_v = [v for v in self.variants if v not in VARIANTS]
         if bad_v or not self.variants:
             raise ConfigError(f"bench.variants = {self.variants}: choose one or more of {', '.join(VARIANTS)}")
@@ -118,10 +125,15 @@ class BenchConfig:
 class Method:
     """One row of the benchmark: an objective configuration and whether the model body is compiled."""
 
-    label: str  # "guard[reuse]", "pgd-at[K=10]+compile"
+    label: str  # "guard[reuse,updated]", "pgd-at[K=10]+compile"
     objective: str  # objective name, a key of OBJECTIVES
     variant: str  # eager | compiled
     cfg: ObjectiveConfig
+    bn_stats: str | None = None  # the regularizer's BatchNorm statistics; None for objectives without a regularizer
+
+    @property
+    def strategy(self) -> str | None:
+        return self.cfg.strategy if self.objective == "guard" else None
 
 
 def expand_methods(cfg: BenchConfig) -> tuple[list[Method], list[str]]:
@@ -137,9 +149,14 @@ def expand_methods(cfg: BenchConfig) -> tuple[list[Method], list[str]]:
                 skipped.append(f"{name}{suffix}: needs double backward, which torch.compile cannot compile")
                 continue
             base = dataclasses.replace(cfg.objective, name=name)
-            if name == "guard":
-                rows += [Method(f"guard[{s}]{suffix}", name, variant, dataclasses.replace(base, strategy=s))
-                         for s in strategies]
+            if name in BN_STATS_OBJECTIVES:
+                for bn in cfg.bench.bn_stats:
+                    with_bn = dataclasses.replace(base, bn_stats=bn)
+                    if name == "guard":
+                        rows += [Method(f"guard[{s},{bn}]{suffix}", name, variant,
+                                        dataclasses.replace(with_bn, strategy=s), bn) for s in strategies]
+                    else:
+                        rows.append(Method(f"{name}[{bn}]{suffix}", name, variant, with_bn, bn))
             elif name == "pgd-at":
                 rows += [Method(f"pgd-at[K={k}]{suffix}", name, variant, dataclasses.replace(base, steps=k))
                          for k in cfg.bench.pgd_steps]
@@ -271,7 +288,7 @@ def run_benchmark(cfg: BenchConfig, device: torch.device, engine_factory: Callab
                 bar.update()
                 if label in errors:
                     continue
-                step = lambda: runner(x, y)  # noqa: E731
+                step = lambda r=runner: r(x, y)  # noqa: E731
                 try:
                     if rep == b.warmup - 1:
                         static = live_bytes([*model.parameters(), *model.buffers(), x, y,

@@ -14,8 +14,10 @@ from bench.common import summarize
 from guard_fast.runtime.io import atomic_write
 
 PLAIN = "none"
-# (goal id, description, numerator row kind, denominator row kind, target, comparison): rows are picked per variant;
-# "best-guard" is the fastest guard strategy of that variant.
+BEST = "best"  # the variant group of goals that compare each side at its fastest variant (eager or compiled)
+# (goal id, description, numerator row kind, denominator row kind, target, comparison): rows are picked per variant
+# group (each measured variant, and "best" = each side at its fastest variant) and per bn_stats value of the guard
+# rows; "best-guard" is the fastest guard strategy of that group, "guard[reference]" the reference strategy.
 GOALS = [
     ("pgd10-over-guard", "PGD-10 AT / best GUARD, time per iteration", "pgd-at[K=10]", "best-guard", 2.5, ">="),
     ("guard-over-plain", "best GUARD / plain, time per iteration", "best-guard", PLAIN, 3.2, "<="),
@@ -41,7 +43,8 @@ def build_results(raw: dict[str, Any], batch_size: int, per_rank: list[dict[str,
         plain = PLAIN + ("+compile" if m.variant == "compiled" else "")
         ok = m.label not in errors and samples[m.label] and plain not in errors
         row: dict[str, Any] = {"label": m.label, "objective": m.objective, "variant": m.variant,
-                               "error": errors.get(m.label), "samples_s": samples[m.label]}
+                               "strategy": m.strategy, "bn_stats": m.bn_stats, "error": errors.get(m.label),
+                               "samples_s": samples[m.label]}
         if ok:
             row["time_s"] = summarize(samples[m.label])
             row["images_per_s"] = summarize([batch_size / t for t in samples[m.label]])
@@ -61,33 +64,43 @@ def build_results(raw: dict[str, Any], batch_size: int, per_rank: list[dict[str,
             "goals": check_goals(rows)}
 
 
-def _pick(rows: list[dict[str, Any]], kind: str, variant: str) -> dict[str, Any] | None:
-    """The row of `kind` in `variant` that has measurements ('best-guard' = fastest guard strategy)."""
-    live = [r for r in rows if r["variant"] == variant and "time_s" in r]
-    if kind == "best-guard":
-        guards = [r for r in live if r["objective"] == "guard"]
-        return min(guards, key=lambda r: r["time_s"]["median"]) if guards else None
-    suffix = "+compile" if variant == "compiled" else ""
-    return next((r for r in live if r["label"] == kind + suffix), None)
+def _pick(rows: list[dict[str, Any]], kind: str, variant: str, bn_stats: str) -> dict[str, Any] | None:
+    """The fastest measured row of `kind` in `variant` ("best": any variant) whose guard rows use `bn_stats`.
+
+    kind: "best-guard" (any guard strategy), "guard[<strategy>]", or a label without variant suffix ("none",
+    "pgd-at[K=10]")."""
+    live = [r for r in rows if (variant == BEST or r["variant"] == variant) and "time_s" in r]
+    if kind == "best-guard" or kind.startswith("guard["):
+        strategy = kind[len("guard["):-1] if kind != "best-guard" else None
+        live = [r for r in live if r["objective"] == "guard" and r.get("bn_stats") == bn_stats
+                and strategy in (None, r.get("strategy"))]
+    else:
+        live = [r for r in live if r["label"].removesuffix("+compile") == kind]
+    return min(live, key=lambda r: r["time_s"]["median"]) if live else None
 
 
 def check_goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each goal of issues 4 and 7 that the measured rows allow, per variant."""
+    """Each goal of issues 4, 7 and 12 that the measured rows allow, per variant group and guard bn_stats value."""
     out = []
-    for variant in dict.fromkeys(r["variant"] for r in rows):
-        for gid, desc, num_kind, den_kind, target, op in GOALS:
-            num, den = _pick(rows, num_kind, variant), _pick(rows, den_kind, variant)
-            if num is None or den is None:  # the same row on both sides (e.g. reference is the best) gives 1.0
-                continue
-            if "mem" in gid:
-                if not (num.get("memory_mib") and den.get("memory_mib")):
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    groups = variants + ([BEST] if len(variants) > 1 else [])
+    modes = list(dict.fromkeys(r["bn_stats"] for r in rows if r["objective"] == "guard")) or [None]
+    for variant in groups:
+        for bn in modes:
+            for gid, desc, num_kind, den_kind, target, op in GOALS:
+                num, den = _pick(rows, num_kind, variant, bn), _pick(rows, den_kind, variant, bn)
+                if num is None or den is None or num is den:  # e.g. reference is the best: no comparison to make
                     continue
-                value = num["memory_mib"]["peak_mib"] / den["memory_mib"]["peak_mib"]
-            else:
-                value = paired_ratio(num["samples_s"], den["samples_s"])["median"]
-            met = {">=": value >= target, "<=": value <= target, "<": value < target}[op]
-            out.append({"goal": gid, "variant": variant, "description": desc, "numerator": num["label"],
-                        "denominator": den["label"], "value": value, "target": f"{op} {target}", "met": met})
+                if "mem" in gid:
+                    if not (num.get("memory_mib") and den.get("memory_mib")):
+                        continue
+                    value = num["memory_mib"]["peak_mib"] / den["memory_mib"]["peak_mib"]
+                else:
+                    value = paired_ratio(num["samples_s"], den["samples_s"])["median"]
+                met = {">=": value >= target, "<=": value <= target, "<": value < target}[op]
+                out.append({"goal": gid, "variant": variant, "bn_stats": bn, "description": desc,
+                            "numerator": num["label"], "denominator": den["label"], "value": value,
+                            "target": f"{op} {target}", "met": met})
     return out
 
 
@@ -113,9 +126,9 @@ def markdown_rows(results: dict[str, Any]) -> list[list[Any]]:
 
 
 def goals_markdown(results: dict[str, Any]) -> str:
-    lines = ["| goal | variant | value | target | met |", "|---|---|---|---|---|"]
-    lines += [f"| {g['description']} ({g['numerator']} / {g['denominator']}) | {g['variant']} | {g['value']:.2f} "
-              f"| {g['target']} | {'yes' if g['met'] else 'NO'} |" for g in results["goals"]]
+    lines = ["| goal | variant | guard bn_stats | value | target | met |", "|---|---|---|---|---|---|"]
+    lines += [f"| {g['description']} ({g['numerator']} / {g['denominator']}) | {g['variant']} | {g['bn_stats']} "
+              f"| {g['value']:.2f} | {g['target']} | {'yes' if g['met'] else 'NO'} |" for g in results["goals"]]
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bench.step import BenchConfig, _profiled_peak_bytes, expand_methods, run_benchmark
-from bench.step_report import HEADER, build_results, write_bench_results
+from bench.step_report import HEADER, build_results, check_goals, write_bench_results
 from guard_fast.runtime.config import load_config
 from guard_fast.runtime.errors import ConfigError
 from guard_fast.squeeze.objectives import GUARD_STRATEGIES, OBJECTIVES
@@ -36,7 +36,7 @@ def test_every_method_is_measured(measured):
     rows = raw["rows"]
     assert not raw["errors"], raw["errors"]
     assert {m.objective for m in rows} == set(OBJECTIVES)
-    assert {m.label for m in rows if m.objective == "guard"} == {f"guard[{s}]" for s in GUARD_STRATEGIES}
+    assert {m.label for m in rows if m.objective == "guard"} == {f"guard[{s},updated]" for s in GUARD_STRATEGIES}
     assert {"pgd-at[K=1]", "pgd-at[K=2]"} <= {m.label for m in rows}
     for m in rows:
         samples = raw["samples"][m.label]
@@ -53,7 +53,8 @@ def test_ratios_follow_from_raw_samples(measured):
     for row in results["rows"]:
         s = raw["samples"][row["label"]]
         assert row["time_s"]["median"] == pytest.approx(statistics.median(s))
-        assert row["time_ratio"]["median"] == pytest.approx(statistics.median([a / b for a, b in zip(s, plain)]))
+        paired = [a / b for a, b in zip(s, plain, strict=True)]
+        assert row["time_ratio"]["median"] == pytest.approx(statistics.median(paired))
         assert row["images_per_s"]["median"] == pytest.approx(statistics.median([4 / t for t in s]))
         expected_mem = raw["memory"][row["label"]]["peak_mib"] / raw["memory"]["none"]["peak_mib"]
         assert row["memory_ratio"] == pytest.approx(expected_mem)
@@ -64,7 +65,7 @@ def test_ratios_follow_from_raw_samples(measured):
     for goal in results["goals"]:
         num, den = by_label[goal["numerator"]], by_label[goal["denominator"]]
         if "mem" not in goal["goal"]:
-            ratios = [a / b for a, b in zip(num["samples_s"], den["samples_s"])]
+            ratios = [a / b for a, b in zip(num["samples_s"], den["samples_s"], strict=True)]
             assert goal["value"] == pytest.approx(statistics.median(ratios))
 
 
@@ -79,12 +80,13 @@ def test_results_files_schema_and_markdown(measured, tmp_path):
     assert set(res) == {"timer", "memory_measure", "batch_size_per_rank", "world", "rows", "skipped", "goals",
                         "conditions"}
     for row in res["rows"]:
-        assert set(row) == {"label", "objective", "variant", "error", "samples_s", "time_s", "images_per_s",
-                            "time_ratio", "memory_mib", "memory_ratio"}
+        assert set(row) == {"label", "objective", "variant", "strategy", "bn_stats", "error", "samples_s", "time_s",
+                            "images_per_s", "time_ratio", "memory_mib", "memory_ratio"}
         assert set(row["time_s"]) == {"median", "p20", "p80", "n"}
         assert set(row["memory_mib"]) == {"peak_mib", "static_mib", "step_mib"}
     for goal in res["goals"]:
-        assert set(goal) == {"goal", "variant", "description", "numerator", "denominator", "value", "target", "met"}
+        assert set(goal) == {"goal", "variant", "bn_stats", "description", "numerator", "denominator", "value",
+                             "target", "met"}
     assert payload["config"]["bench"]["reps"] == 2
     md = paths[1].read_text()
     assert "| " + " | ".join(HEADER) + " |" in md
@@ -115,9 +117,36 @@ def test_expand_methods_variants_and_labels():
                                                      "--bench.warmup=2", "--bench.pgd_steps=[3, 10]",
                                                      "--bench.objectives=[\"pgd-at\", \"grad-norm\"]"])
     rows, skipped = expand_methods(cfg)
-    assert [m.label for m in rows] == ["none", "pgd-at[K=3]", "pgd-at[K=10]", "grad-norm", "none+compile",
+    assert [m.label for m in rows] == ["none", "pgd-at[K=3]", "pgd-at[K=10]", "grad-norm[updated]", "none+compile",
                                        "pgd-at[K=3]+compile", "pgd-at[K=10]+compile"]
     assert skipped == ["grad-norm+compile: needs double backward, which torch.compile cannot compile"]
+    cfg = load_config(BenchConfig, overrides=TINY + ["--bench.bn_stats=[\"updated\", \"snapshot\"]",
+                                                     "--bench.objectives=[\"guard\"]",
+                                                     "--bench.guard_strategies=[\"reuse\"]"])
+    rows, _ = expand_methods(cfg)
+    assert [(m.label, m.cfg.bn_stats, m.cfg.strategy) for m in rows[1:]] == [
+        ("guard[reuse,updated]", "updated", "reuse"), ("guard[reuse,snapshot]", "snapshot", "reuse")]
+
+
+def test_goals_per_bn_stats_and_best_variant():
+    """Goals are computed per guard bn_stats value and per variant; the 'best' group compares each side at its
+    fastest variant (here compiled plain and eager guard), paired by repetition."""
+    def row(label, objective, variant, samples, strategy=None, bn=None):
+        return {"label": label, "objective": objective, "variant": variant, "strategy": strategy, "bn_stats": bn,
+                "samples_s": samples, "time_s": {"median": statistics.median(samples)},
+                "memory_mib": {"peak_mib": 100.0}}
+
+    rows = [row("none", "none", "eager", [1.0, 1.0, 1.0]), row("none+compile", "none", "compiled", [0.5, 0.5, 0.5])]
+    for bn, k in (("updated", 1.0), ("snapshot", 2.0)):
+        rows += [row(f"guard[reference,{bn}]", "guard", "eager", [4.0 * k] * 3, "reference", bn),
+                 row(f"guard[reuse,{bn}]", "guard", "eager", [3.0 * k] * 3, "reuse", bn),
+                 row(f"guard[reuse,{bn}]+compile", "guard", "compiled", [3.5 * k] * 3, "reuse", bn)]
+    goals = {(g["goal"], g["variant"], g["bn_stats"]): g for g in check_goals(rows)}
+    best = goals[("guard-over-plain", "best", "updated")]
+    assert (best["numerator"], best["denominator"], best["value"]) == ("guard[reuse,updated]", "none+compile", 6.0)
+    assert goals[("guard-over-plain", "eager", "snapshot")]["value"] == 6.0
+    assert goals[("reference-over-best", "best", "snapshot")]["value"] == pytest.approx(4 / 3)
+    assert goals[("guard-over-plain", "compiled", "updated")]["value"] == 7.0
 
 
 @pytest.mark.parametrize("override,match", [

@@ -41,7 +41,7 @@ def run_library(model, x, y, **cfg):
     loss, stats = build_objective(ObjectiveConfig(**cfg))(model, x, y)
     loss.backward()
     assert model.training
-    return stats, grads(model)
+    return loss, stats, grads(model)
 
 
 def literal_z(model, x, y, h):
@@ -64,37 +64,69 @@ def finish(model, x, y, reg):
     return reg.detach(), grads(model)
 
 
-def literal_guard(model, x, y, h, beta):
-    z = literal_z(model, x, y, h)
-    model.eval()
-    u = model.normalize(x)
-    reg = beta * torch.abs(F.cross_entropy(model.body(u + z), y) - F.cross_entropy(model.body(u), y))
-    return finish(model, x, y, reg)
+def literal(model, x, y, bn_stats, reg_fn):
+    """ce_train + reg_fn(model) with the BatchNorm statistics of `bn_stats`; returns (reg value, parameter grads).
+
+    updated = the authors' literal order (pretrain.py, pretrain_cifar.py): train forward, then the eval forwards of
+    reg_fn (which see the statistics this forward updated), then one joint backward.
+    snapshot = reg_fn on the statistics from before the step, back-propagated before the train forward."""
+    model.zero_grad()
+    if bn_stats == "snapshot":
+        return finish(model, x, y, reg_fn(model))
+    model.train()
+    ce = F.cross_entropy(model(x), y)
+    reg = reg_fn(model)  # literal_z's backward touches only parameters' .grad, zeroed before the joint backward
+    model.zero_grad()
+    (ce + reg).backward()
+    return reg.detach(), grads(model)
 
 
-def literal_curvature(model, x, y, h, lam):
-    z = literal_z(model, x, y, h)
-    model.eval()
-    u = model.normalize(x).detach()
-    norms = []
-    for i in range(len(x)):  # per-sample input gradients, one sample at a time
-        a = (u[i:i + 1] + z[i:i + 1]).requires_grad_(True)
-        b = u[i:i + 1].clone().requires_grad_(True)
-        (ga,) = torch.autograd.grad(F.cross_entropy(model.body(a), y[i:i + 1]), a, create_graph=True)
-        (gb,) = torch.autograd.grad(F.cross_entropy(model.body(b), y[i:i + 1]), b, create_graph=True)
-        norms.append(torch.sqrt(((ga - gb) ** 2).sum()))
-    return finish(model, x, y, lam * sum(norms) / len(norms))
+def literal_guard(model, x, y, h, beta, bn_stats):
+    def reg_fn(m):
+        z = literal_z(m, x, y, h)
+        m.eval()
+        u = m.normalize(x)
+        return beta * torch.abs(F.cross_entropy(m.body(u + z), y) - F.cross_entropy(m.body(u), y))
+    return literal(model, x, y, bn_stats, reg_fn)
 
 
-def literal_grad_norm(model, x, y, beta):
-    model.eval()
-    u = model.normalize(x).detach()
-    sq = []
-    for i in range(len(x)):
-        a = u[i:i + 1].clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(F.cross_entropy(model.body(a), y[i:i + 1]), a, create_graph=True)
-        sq.append((g ** 2).sum())
-    return finish(model, x, y, beta * sum(sq) / len(sq))
+def literal_curvature(model, x, y, h, lam, bn_stats, convention):
+    """per-sample: lam * mean_i ||grad ce_i(u_i+z_i) - grad ce_i(u_i)||, one sample at a time.
+    reference: the authors' CIFAR code: grad of (mean CE(u+z) - mean CE(u)) wrt the shared input, row norms, mean."""
+    def per_sample(m):
+        z = literal_z(m, x, y, h)
+        m.eval()
+        u = m.normalize(x).detach()
+        norms = []
+        for i in range(len(x)):
+            a = (u[i:i + 1] + z[i:i + 1]).requires_grad_(True)
+            b = u[i:i + 1].clone().requires_grad_(True)
+            (ga,) = torch.autograd.grad(F.cross_entropy(m.body(a), y[i:i + 1]), a, create_graph=True)
+            (gb,) = torch.autograd.grad(F.cross_entropy(m.body(b), y[i:i + 1]), b, create_graph=True)
+            norms.append(torch.sqrt(((ga - gb) ** 2).sum()))
+        return lam * sum(norms) / len(norms)
+
+    def authors(m):
+        z = literal_z(m, x, y, h)
+        m.eval()
+        inputs = m.normalize(x).detach().requires_grad_(True)
+        diff = F.cross_entropy(m.body(inputs + z), y) - F.cross_entropy(m.body(inputs), y)
+        (grad_diff,) = torch.autograd.grad(diff, inputs, create_graph=True)
+        return torch.mean(lam * grad_diff.reshape(len(x), -1).norm(dim=1))
+    return literal(model, x, y, bn_stats, per_sample if convention == "per-sample" else authors)
+
+
+def literal_grad_norm(model, x, y, beta, bn_stats):
+    def reg_fn(m):
+        m.eval()
+        u = m.normalize(x).detach()
+        sq = []
+        for i in range(len(x)):
+            a = u[i:i + 1].clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(F.cross_entropy(m.body(a), y[i:i + 1]), a, create_graph=True)
+            sq.append((g ** 2).sum())
+        return beta * sum(sq) / len(sq)
+    return literal(model, x, y, bn_stats, reg_fn)
 
 
 def literal_pgd(model, x, y, eps, alpha, steps):
@@ -116,36 +148,84 @@ def assert_same(got, want, rtol=1e-9, atol=1e-12):
         torch.testing.assert_close(g_a[n], g_b[n], rtol=rtol, atol=atol, msg=n)
 
 
+def assert_differ(a, b):
+    """The two semantics are different functions on this model: R or some gradient differs by far more than rounding."""
+    (reg_a, g_a), (reg_b, g_b) = a, b
+    rel = max([abs(reg_a - reg_b).item() / abs(reg_b).item()]
+              + [((g_a[n] - g_b[n]).norm() / g_b[n].norm()).item() for n in g_b])
+    assert rel > 1e-4
+
+
+BN = ["updated", "snapshot"]
+
+
+@pytest.mark.parametrize("bn_stats", BN)
 @pytest.mark.parametrize("strategy", ["reference", "batched", "reuse"])
-def test_guard_matches_literal(model, batch, strategy):
+def test_guard_matches_literal(model, batch, strategy, bn_stats):
     x, y = batch
-    ref = copy.deepcopy(model)
-    stats, g = run_library(model, x, y, name="guard", strategy=strategy, h=3.0, beta=0.5)
-    assert_same((stats["reg"], g), literal_guard(ref, x, y, 3.0, 0.5))
+    ref, other = copy.deepcopy(model), copy.deepcopy(model)
+    loss, stats, g = run_library(model, x, y, name="guard", strategy=strategy, bn_stats=bn_stats, h=3.0, beta=0.5)
+    want = literal_guard(ref, x, y, 3.0, 0.5, bn_stats)
+    assert_same((stats["reg"], g), want)
     assert stats["reg"] > 0
+    assert_differ(want, literal_guard(other, x, y, 3.0, 0.5, BN[1 - BN.index(bn_stats)]))
 
 
-def test_guard_curvature_matches_literal(model, batch):
+@pytest.mark.parametrize("convention", ["reference", "per-sample"])
+@pytest.mark.parametrize("bn_stats", BN)
+def test_guard_curvature_matches_literal(model, batch, bn_stats, convention):
     x, y = batch
-    ref = copy.deepcopy(model)
-    stats, g = run_library(model, x, y, name="guard-curvature", h=3.0, lam=0.7)
-    assert_same((stats["reg"], g), literal_curvature(ref, x, y, 3.0, 0.7))
+    ref, other = copy.deepcopy(model), copy.deepcopy(model)
+    _, stats, g = run_library(model, x, y, name="guard-curvature", bn_stats=bn_stats, lam_convention=convention,
+                              h=3.0, lam=0.7)
+    want = literal_curvature(ref, x, y, 3.0, 0.7, bn_stats, convention)
+    assert_same((stats["reg"], g), want)
+    assert_differ(want, literal_curvature(other, x, y, 3.0, 0.7, BN[1 - BN.index(bn_stats)], convention))
 
 
-def test_grad_norm_matches_literal_and_changes_gradients(model, batch):
+def test_curvature_conventions_differ_by_batch_size(model, batch):
+    """reference (batch-mean gradients) = per-sample / B, and the default is the authors' lambda = 100."""
     x, y = batch
-    ref, plain = copy.deepcopy(model), copy.deepcopy(model)
-    stats, g = run_library(model, x, y, name="grad-norm", grad_norm_beta=2.0)
-    assert_same((stats["reg"], g), literal_grad_norm(ref, x, y, 2.0))
-    _, g_plain = run_library(plain, x, y, name="none")
+    assert (ObjectiveConfig().lam, ObjectiveConfig().lam_convention) == (100.0, "reference")
+    _, s_ref, _ = run_library(copy.deepcopy(model), x, y, name="guard-curvature", lam=100.0)
+    _, s_ps, _ = run_library(copy.deepcopy(model), x, y, name="guard-curvature", lam=100.0,
+                             lam_convention="per-sample")
+    torch.testing.assert_close(s_ref["reg"] * B, s_ps["reg"], rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("bn_stats", BN)
+def test_grad_norm_matches_literal_and_changes_gradients(model, batch, bn_stats):
+    x, y = batch
+    ref, plain, other = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    _, stats, g = run_library(model, x, y, name="grad-norm", bn_stats=bn_stats, grad_norm_beta=2.0)
+    want = literal_grad_norm(ref, x, y, 2.0, bn_stats)
+    assert_same((stats["reg"], g), want)
+    assert_differ(want, literal_grad_norm(other, x, y, 2.0, BN[1 - BN.index(bn_stats)]))
+    _, _, g_plain = run_library(plain, x, y, name="none")
     diff = max((g[n] - g_plain[n]).abs().max().item() for n in g)
     assert diff > 1e-6  # unlike the reference, the term reaches the parameters
+
+
+@pytest.mark.parametrize("bn_stats", BN)
+@pytest.mark.parametrize("name,strategy", [("guard", "reference"), ("guard", "batched"), ("guard", "reuse"),
+                                           ("guard-curvature", "reuse"), ("grad-norm", "reuse"), ("none", "reuse"),
+                                           ("trades", "reuse")])
+def test_loss_value_is_ce_plus_true_reg(model, batch, name, strategy, bn_stats):
+    """Whatever carries the gradient, the returned loss's value is ce + R (the loop's non-finite check reads it),
+    and stats carry the true R and the train CE."""
+    x, y = batch
+    plain = copy.deepcopy(model).train()
+    want_ce = F.cross_entropy(plain(x), y).detach()  # train-mode CE: batch statistics, independent of the buffers
+    loss, stats, _ = run_library(model, x, y, name=name, strategy=strategy, bn_stats=bn_stats, beta=0.5, steps=2)
+    assert set(stats) >= {"ce", "reg"}
+    torch.testing.assert_close(stats["ce"], want_ce, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(loss.detach(), stats["ce"] + stats["reg"], rtol=1e-12, atol=1e-12)
 
 
 def test_pgd_at_matches_literal(model, batch):
     x, y = batch
     ref = copy.deepcopy(model)
-    stats, g = run_library(model, x, y, name="pgd-at", eps=8 / 255, alpha=2 / 255, steps=3)
+    _, stats, g = run_library(model, x, y, name="pgd-at", eps=8 / 255, alpha=2 / 255, steps=3)
     adv = literal_pgd(ref, x, y, 8 / 255, 2 / 255, 3)
     ref.zero_grad()
     ref.train()
@@ -159,7 +239,7 @@ def test_fgsm_rs_and_trades_match_literal(model, batch):
     eps = 4 / 255
     ref = copy.deepcopy(model)
     torch.manual_seed(7)
-    stats, g = run_library(model, x, y, name="fgsm-rs", eps=eps)
+    _, stats, g = run_library(model, x, y, name="fgsm-rs", eps=eps)
     torch.manual_seed(7)
     start = torch.clamp(x + (2 * torch.rand(x.shape, dtype=x.dtype) - 1) * eps, 0, 1)
     ref.eval()
@@ -173,7 +253,7 @@ def test_fgsm_rs_and_trades_match_literal(model, batch):
 
     m2, ref2 = copy.deepcopy(model), copy.deepcopy(model)
     torch.manual_seed(3)
-    stats, g = run_library(m2, x, y, name="trades", eps=eps, alpha=1 / 255, steps=2, trades_beta=6.0)
+    _, stats, g = run_library(m2, x, y, name="trades", eps=eps, alpha=1 / 255, steps=2, trades_beta=6.0)
     torch.manual_seed(3)
     ref2.eval()
     p = F.softmax(ref2(x), 1).detach()
@@ -210,14 +290,15 @@ def test_attacks_stay_in_eps_ball_and_range(model, batch, eps):
     assert model.training  # attacks restore the mode
 
 
+@pytest.mark.parametrize("bn_stats", BN)
 @pytest.mark.parametrize("name", ["none", "guard", "guard-curvature", "grad-norm", "pgd-at", "fgsm-rs", "trades"])
-def test_bn_stats_updated_once_and_all_grads_finite(model, batch, name):
+def test_bn_stats_updated_once_and_all_grads_finite(model, batch, name, bn_stats):
     x, y = batch
     plain = copy.deepcopy(model)
     plain.train()
     plain(x) if name != "trades" else (plain(x), plain(x))  # trades runs two train forwards (x and x_adv)
-    stats, g = run_library(model, x, y, name=name, steps=2)
-    for (n, a), b in zip(model.named_buffers(), plain.buffers()):
+    _, stats, g = run_library(model, x, y, name=name, steps=2, bn_stats=bn_stats)
+    for (n, a), b in zip(model.named_buffers(), plain.buffers(), strict=True):
         if "running_mean" in n and name not in ("pgd-at", "fgsm-rs", "trades"):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=n)  # eval forwards left them alone
         if "num_batches_tracked" in n:
@@ -235,14 +316,16 @@ def test_direction_zero_gradient_row_is_finite():
     torch.testing.assert_close(norms[[0, 1, 3]], torch.full((3,), 3.0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bn_stats", BN)
 @pytest.mark.parametrize("strategy", ["batched", "reuse"])
-def test_strategies_match_reference_fp32(tiny_model, strategy):
+def test_strategies_match_reference_fp32(tiny_model, strategy, bn_stats):
     torch.manual_seed(0)
     x, y = torch.rand(8, 3, S, S), torch.randint(0, 10, (8,))
     a = tiny_model()
+    a(x)  # non-trivial running statistics
     b = copy.deepcopy(a)
-    sa, ga = run_library(a, x, y, name="guard", strategy="reference", beta=0.3)
-    sb, gb = run_library(b, x, y, name="guard", strategy=strategy, beta=0.3)
+    _, sa, ga = run_library(a, x, y, name="guard", strategy="reference", beta=0.3, bn_stats=bn_stats)
+    _, sb, gb = run_library(b, x, y, name="guard", strategy=strategy, beta=0.3, bn_stats=bn_stats)
     torch.testing.assert_close(sa["reg"], sb["reg"], rtol=1e-4, atol=1e-6)
     for n in ga:
         torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=1e-5, msg=n)
@@ -255,25 +338,32 @@ def test_unknown_names_rejected():
         build_objective(ObjectiveConfig(name="cure"))
     with pytest.raises(ConfigError, match="objective.strategy = 'fast'"):
         build_objective(ObjectiveConfig(strategy="fast"))
+    with pytest.raises(ConfigError, match="objective.bn_stats = 'before'"):
+        build_objective(ObjectiveConfig(bn_stats="before"))
+    with pytest.raises(ConfigError, match="objective.lam_convention = 'mean'"):
+        build_objective(ObjectiveConfig(lam_convention="mean"))
 
 
-def test_strategies_compiled_match_eager_reference(tiny_model):
+@pytest.mark.parametrize("bn_stats", BN)
+def test_strategies_compiled_match_eager_reference(tiny_model, bn_stats):
     """torch.compile of the model with every guard strategy: same R and gradients as eager `reference`."""
     torch.manual_seed(0)
     x, y = torch.rand(8, 3, S, S), torch.randint(0, 10, (8,))
     base = tiny_model()
+    base(x)  # non-trivial running statistics
     ref = copy.deepcopy(base)
-    s_ref, g_ref = run_library(ref, x, y, name="guard", strategy="reference", beta=0.5)
+    _, s_ref, g_ref = run_library(ref, x, y, name="guard", strategy="reference", beta=0.5, bn_stats=bn_stats)
     for strategy in ("reuse", "batched", "reference"):
         m = copy.deepcopy(base)
         m.compile()
-        stats, g = run_library(m, x, y, name="guard", strategy=strategy, beta=0.5)
+        _, stats, g = run_library(m, x, y, name="guard", strategy=strategy, beta=0.5, bn_stats=bn_stats)
         torch.testing.assert_close(stats["reg"], s_ref["reg"], rtol=1e-4, atol=1e-6)
         for n in g_ref:
             torch.testing.assert_close(g[n], g_ref[n], rtol=1e-3, atol=2e-5, msg=f"{strategy} {n}")
 
 
-def test_strategies_train_identically_fp64(tiny_model):
+@pytest.mark.parametrize("bn_stats", BN)
+def test_strategies_train_identically_fp64(tiny_model, bn_stats):
     """Eight SGD steps with each guard strategy follow the same trajectory (fp64: rounding cannot hide a bug)."""
     from guard_fast.runtime.engine import OptimConfig, build_optimizer
 
@@ -285,7 +375,7 @@ def test_strategies_train_identically_fp64(tiny_model):
     for strategy in ("reference", "batched", "reuse"):
         m = copy.deepcopy(base)
         opt = build_optimizer(m, OptimConfig(lr=0.01, weight_decay=5e-4))
-        objective = build_objective(ObjectiveConfig(name="guard", strategy=strategy, beta=0.5))
+        objective = build_objective(ObjectiveConfig(name="guard", strategy=strategy, beta=0.5, bn_stats=bn_stats))
         trace = []
         for x, y in data:
             loss, stats = objective(m, x, y)

@@ -105,6 +105,45 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(small_digits, tmp_path):
     assert not (out / "teacher.pt").exists()
 
 
+NONFINITE_REG = """
+import sys
+import torch
+from guard_fast.squeeze import objectives
+from launchers.cli import run
+from launchers.squeeze import main
+
+real, calls = objectives.OBJECTIVES["guard"], []
+
+
+def guard_with_bad_reg(model, x, y, cfg):
+    # the true R turns non-finite from the third step on, while the returned loss (what is back-propagated) stays
+    # finite: only the stats show it
+    loss, stats = real(model, x, y, cfg)
+    calls.append(1)
+    if len(calls) >= 3:
+        stats = {**stats, "reg": stats["reg"] * float("inf")}
+    return loss, stats
+
+
+objectives.OBJECTIVES["guard"] = guard_with_bad_reg
+sys.exit(run(main, sys.argv[1:], prog="guard-fast squeeze"))
+"""
+
+
+def test_non_finite_reg_with_finite_loss_stops_without_checkpoint(small_digits, tmp_path):
+    """The loop checks every stat, not only the loss: a non-finite R (loss finite) stops the run with one error line
+    and nothing is saved from step 2 on (checkpoints every step; steps 0 and 1 were good)."""
+    out = tmp_path / "badreg"
+    r = launch([PYTHON, "-c", NONFINITE_REG], out, small_digits, "--output.ckpt_every=1", "--output.log_every=5",
+               expect_ok=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    err = [ln for ln in r.stderr.splitlines() if "error" in ln]
+    assert len(err) == 1 and "non-finite loss at step 2 " in err[0], r.stderr[-2000:]
+    latest = json.loads((out / "checkpoints/latest.json").read_text())
+    assert latest["step"] == 2 and latest["tag"] in err[0]  # the checkpoint after steps 0-1, nothing later
+    assert not (out / "teacher.pt").exists()
+
+
 def test_config_errors_exit_2(tmp_path):
     r = subprocess.run([PYTHON, str(REPO / "launchers/squeeze.py"), "--objective.name=cure"], capture_output=True,
                        text=True, env=subprocess_env(), cwd=REPO, timeout=300)
