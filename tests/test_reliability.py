@@ -7,7 +7,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from guard_fast.runtime.checkpoint import safe_load
 from guard_fast.runtime.config import DataConfig, DistConfig, load_config
 from guard_fast.runtime.distributed import DistInfo
 from guard_fast.runtime.errors import CheckpointError, ConfigError, GuardFastError
-from tests.conftest import copy_subset
+from tests.conftest import REPO, copy_subset
 from tests.test_distill import recovered, relabeled, teacher, train  # noqa: F401 (fixtures)
 
 ONE = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
@@ -328,3 +330,55 @@ def test_cli_turns_os_errors_into_one_line(tmp_path, capsys):
     assert run(main, []) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "No such file or directory" in err and str(tmp_path / "missing") in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shared environment (scripts/envlib.sh): each checkout imports its own code
+
+
+def envlib(*command: str) -> subprocess.CompletedProcess:
+    script = f". {REPO / 'scripts/envlib.sh'}; " + " ".join(shlex.quote(c) for c in command)
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+
+
+def test_each_checkout_layer_imports_its_own_code(tmp_path):
+    dep = Path(torch.__file__).resolve().parents[4]  # <env>/lib/pythonX.Y/site-packages/torch/__init__.py
+    for name in ("a", "b"):
+        repo = tmp_path / name
+        (repo / "guard_fast").mkdir(parents=True)
+        (repo / "guard_fast" / "__init__.py").write_text(f"WHO = {name!r}\n")
+        (repo / "launchers").mkdir()
+        (repo / "launchers" / "__init__.py").write_text("")
+        (repo / "launchers" / "cli.py").write_text("import guard_fast\n\ndef main():\n    print(guard_fast.WHO)\n")
+        r = envlib("layer_venv", str(dep), str(repo))
+        assert r.returncode == 0, r.stderr
+    for name in ("a", "b"):
+        venv = tmp_path / name / ".venv"
+        code = "import guard_fast, importlib.util as u; print(guard_fast.WHO, u.find_spec('torch') is not None)"
+        clean = {"PATH": "/usr/bin:/bin"}  # no PYTHONPATH: the layer alone decides what is imported
+        out = subprocess.run([str(venv / "bin/python"), "-c", code], capture_output=True, text=True, cwd="/",
+                             env=clean, timeout=60)
+        assert out.stdout.split() == [name, "True"], out.stderr
+        out = subprocess.run([str(venv / "bin/guard-fast")], capture_output=True, text=True, cwd="/", env=clean,
+                             timeout=60)
+        assert out.stdout.strip() == name, out.stderr
+        for script in ("torchrun", "deepspeed"):  # the README's multi-process commands start this checkout's python
+            if (dep / "bin" / script).exists():
+                assert (venv / "bin" / script).read_text().splitlines()[0] == f"#!{venv}/bin/python"
+    assert envlib("layer_venv", str(dep), str(tmp_path / "a")).returncode == 0  # idempotent
+
+
+def test_old_environments_removed_only_when_unused(tmp_path):
+    cache = tmp_path / "cache"
+    for env in ("venv-old", "venv-used", "venv-new"):
+        (cache / env / "bin").mkdir(parents=True)
+    user = tmp_path / "checkout"
+    pth = user / ".venv/lib/python3.11/site-packages/guard_fast_checkout.pth"
+    pth.parent.mkdir(parents=True)
+    pth.write_text(f"{user}\nimport site; site.addsitedir('{cache}/venv-used/lib/python3.11/site-packages')\n")
+    assert envlib("register_user", str(cache), str(user)).returncode == 0
+    assert envlib("register_user", str(cache), str(tmp_path / "deleted-checkout")).returncode == 0
+    r = envlib("remove_unused", str(cache), str(cache / "venv-new"))
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in cache.glob("venv-*")) == ["venv-new", "venv-used"]
+    assert "keeping" in r.stdout and "venv-used" in r.stdout
