@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         variants[f"guard beta={b}"] = ["--objective.name=guard", f"--objective.beta={b}"]
     common = ["--config", str(REPO / "configs/squeeze-digits.toml"), f"--data.path={args.data}",
               f"--optim.epochs={args.epochs}", f"--model.width={args.width}", "--val_every=0",
-              "--output.progress=false"]
+              "--output.progress=false", "--output.overwrite=true"]  # a rerun retrains in place
     rows, results = [], {}
     val = build_loader(DataConfig(path=args.data, workers=0), "val")
     for name, extra in variants.items():

@@ -120,7 +120,7 @@ def _stage_fn(stage: Stage, info: DistInfo):
 
 def run_pipeline(cfg: PipelineConfig, info: DistInfo) -> dict[str, Any]:
     root = Path(cfg.output.dir)
-    RunDir(root, cfg, is_main=info.is_main, device=info.device)
+    RunDir(root, cfg, is_main=info.is_main, device=info.device).start()
     chains = plan_pipeline(cfg, root)
     unique = {s.folder for _, _, stages in chains for s in stages}
     runner = StageRunner(len(unique), set(cfg.force), info.is_main, log=print if info.is_main else (lambda *_: None))

@@ -22,12 +22,17 @@ COMMANDS = {
 
 
 def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None, prog: str = "guard-fast") -> int:
-    """Call a launcher's main; a user error (bad config, missing file) becomes one line on stderr and its exit code."""
+    """Call a launcher's main; a user error (bad config, missing or corrupt file) or a file-system error (disk full,
+    no permission, a file where a folder should be) becomes one line on stderr and a non-zero exit code."""
     try:
         return int(main(sys.argv[1:] if argv is None else argv) or 0)
     except GuardFastError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        where = ": ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        print(f"{prog}: error: {e.strerror or e}{': ' + where if where else ''}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

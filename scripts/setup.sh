@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Idempotent install of everything guard_fast needs on a fresh Debian machine:
 #   1. Debian packages FFCV compiles against (OpenCV core/imgproc, libjpeg-turbo),
-#   2. a virtual environment cached under a hash of requirements.txt + ENV_VERSION,
+#   2. a dependency environment cached under a hash of requirements.txt + ENV_VERSION, shared by every checkout and
+#      built under a lock (flock), so two setups never build into the same folder,
 #   3. the pinned Python stack, FFCV built from source, torchattacks without its deps,
-#   4. guard_fast itself (editable), and `.venv` linked to the cached environment.
+#   4. this checkout's own `.venv`: a small layer over the shared environment that imports *this* checkout's code
+#      (scripts/envlib.sh), so checkouts sharing the cache never run each other's code.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -14,6 +16,8 @@ ENV_VERSION=2
 spec=$( (cat requirements.txt; echo "$ENV_VERSION") | sha256sum | cut -c1-12)
 venv=$cache/venv-$spec
 mkdir -p "$cache"
+
+. scripts/envlib.sh
 
 say() { printf '[setup] %s\n' "$*"; }
 fail() { printf '[setup] FAILED: %s\n' "$*" >&2; exit 1; }
@@ -50,7 +54,11 @@ PC
 fi
 export PKG_CONFIG_PATH=$pcdir${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
 
-# 2-3. The environment, built once per dependency spec; a marker file says it finished.
+# 2-3. The environment, built once per dependency spec; a marker file says it finished. The lock serializes setups
+#      of every checkout sharing the cache (the second one waits, then finds the environment complete).
+exec 9>"$cache/setup.lock"
+flock 9
+register_user "$cache" "$repo"
 if [ ! -f "$venv/.complete" ]; then
   say "building Python environment $venv (once per dependency spec; several minutes)"
   command -v gcc >/dev/null || fail "no C compiler: apt-get install build-essential (FFCV builds from source)"
@@ -63,15 +71,12 @@ if [ ! -f "$venv/.complete" ]; then
   # torchattacks pins requests~=2.25.1 (it never imports requests) which breaks resolution: install it alone.
   "${pip[@]}" --no-deps torchattacks==3.5.1 || fail "torchattacks install failed"
   touch "$venv/.complete"
-  # environments of older dependency specs are 6 GB each: drop them once the new one is complete
-  find "$cache" -maxdepth 1 -name 'venv-*' ! -name "venv-$spec" -exec rm -rf {} +
 fi
-
-# 4. Point .venv at the environment and (re)install this checkout into it, editable, without touching deps.
-ln -sfn "$venv" .venv
-# (checked from / so the checkout itself is not on sys.path)
-if ! (cd / && "$venv/bin/python" -c "import guard_fast, os, sys; sys.exit(os.path.dirname(os.path.dirname(guard_fast.__file__)) != '$repo')") 2>/dev/null; then
-  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . \
-    || fail "pip install -e . failed"
-fi
+# 4. This checkout's layer (re-pointed when the dependency spec or the checkout's location changes).
+layer_venv "$venv" "$repo" || fail "could not create $repo/.venv over $venv"
+# environments of older dependency specs are 6 GB each: drop those no checkout and no running process uses
+remove_unused "$cache" "$venv"
+flock -u 9
+(cd / && "$repo/.venv/bin/python" -c "import guard_fast, os, sys; sys.exit(os.path.dirname(os.path.dirname(guard_fast.__file__)) != '$repo')") \
+  || fail "$repo/.venv does not import this checkout's guard_fast"
 say "ready: $(.venv/bin/python -c 'import torch, ffcv, deepspeed, torchattacks, triton; print("torch", torch.__version__, "ffcv", ffcv.__version__ if hasattr(ffcv, "__version__") else "1.0.2", "deepspeed", deepspeed.__version__, "triton", triton.__version__)' 2>/dev/null)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -24,33 +25,54 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
+def _png(image: np.ndarray, size: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image, mode="L").resize((size, size), Image.BICUBIC).convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def prepare_digits(out: str | Path, size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> dict:
     """Write out/{train,val}/<digit>/<index>.png (RGB, `size` px, bicubic upscale of the 8x8 originals).
 
-    Idempotent: a folder whose manifest matches (size, val_fraction, seed) is left as it is.
+    Idempotent and self-repairing: every image is rendered in memory and compared with the file on disk; only a
+    missing, truncated or edited file is (atomically) rewritten, files our manifest does not list are removed, and
+    the manifest is rewritten only when it changes. Prints how many files it repaired.
     """
     from sklearn.datasets import load_digits
 
     out = Path(out)
     manifest_path = out / "manifest.json"
     want = {"dataset": "digits", "size": size, "val_fraction": val_fraction, "seed": seed}
-    if manifest_path.is_file():
-        have = json.loads(manifest_path.read_text())
-        if all(have.get(k) == v for k, v in want.items()):
-            return have
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)  # (1797, 8, 8), 0..16 -> 0..255
     labels = digits.target.astype(np.int64)
     train_ids, val_ids = stratified_split(labels, val_fraction, seed)
     counts: dict[str, dict[str, int]] = {}
+    expected: set[Path] = set()
+    repaired = 0
     for split, ids in (("train", train_ids), ("val", val_ids)):
         counts[split] = {}
         for i in ids:
-            img = Image.fromarray(images[i], mode="L").resize((size, size), Image.BICUBIC).convert("RGB")
+            data = _png(images[i], size)
             path = out / split / str(labels[i]) / f"{i:04d}.png"
-            atomic_write(path, lambda f, img=img: img.save(f, format="PNG"))
+            expected.add(path)
+            if not path.is_file() or path.read_bytes() != data:
+                repaired += path.exists()
+                atomic_write(path, lambda f, data=data: f.write(data))
             counts[split][str(labels[i])] = counts[split].get(str(labels[i]), 0) + 1
+    if manifest_path.is_file():  # the folder is ours: drop files that are not part of the dataset
+        extra = [p for split in ("train", "val") for p in (out / split).rglob("*") if p.is_file() and p not in expected]
+        for p in extra:
+            p.unlink()
+        repaired += len(extra)
+    if repaired:
+        print(f"{out}: repaired {repaired} damaged, edited or extra files")
     manifest = {**want, "num_images": len(labels), "train": len(train_ids), "val": len(val_ids), "counts": counts,
                 "train_ids": train_ids.tolist(), "val_ids": val_ids.tolist()}
-    atomic_json(manifest_path, manifest)  # written last: its presence means the folder is complete
+    try:
+        unchanged = json.loads(manifest_path.read_text()) == manifest
+    except (OSError, ValueError):
+        unchanged = False
+    if not unchanged:
+        atomic_json(manifest_path, manifest)  # written last: its presence means the folder is complete
     return manifest

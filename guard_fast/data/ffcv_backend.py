@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from guard_fast.data.batches import Loader
+from guard_fast.data.classes import write_beton_classes
 from guard_fast.data.folder import ShardSampler, read_rgb, scan_folder
 from guard_fast.data.presets import DatasetSpec
 from guard_fast.runtime.config import DataConfig
@@ -49,15 +50,17 @@ def write_beton(src: str | Path, out: str | Path, mode: str = "raw", max_resolut
     from ffcv.writer import DatasetWriter
     from tqdm import tqdm
 
+    out = Path(out)
+    if out.is_dir():  # checked before the conversion, not after it
+        raise GuardFastError(f"--out {out} is a folder; give the .beton file's path, e.g. {out / 'train.beton'}")
     if mode not in ("raw", "jpg", "smart", "proportion"):
         raise GuardFastError(f"--mode {mode!r}: valid values are raw, jpg, smart, proportion")
     if not 1 <= jpeg_quality <= 100:
         raise GuardFastError(f"--jpeg-quality {jpeg_quality}: must be in 1..100")
-    _, samples = scan_folder(src)
+    classes, samples = scan_folder(src)
+    out.parent.mkdir(parents=True, exist_ok=True)  # an unwritable place fails here, before the images are read
     for path, _ in tqdm(samples, desc="check images", unit="img", leave=False):
         read_rgb(path)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     fields = {"image": RGBImageField(write_mode=mode, max_resolution=max_resolution or None,
                                      jpeg_quality=jpeg_quality),
@@ -65,6 +68,7 @@ def write_beton(src: str | Path, out: str | Path, mode: str = "raw", max_resolut
     try:
         DatasetWriter(str(tmp), fields, num_workers=max(1, workers)).from_indexed_dataset(
             _FolderForWriter(samples), chunksize=64)
+        write_beton_classes(out, classes)  # the class names travel with the file (train/val are compared)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -129,6 +133,11 @@ def build_ffcv_loader(cfg: DataConfig, spec: DatasetSpec, path: Path, *, train: 
         n = int(reader.num_samples)
     except Exception as e:  # FFCV raises assorted errors on a corrupt header
         raise GuardFastError(f"unreadable .beton file {path}: {type(e).__name__}: {e}") from None
+    end, table = int(reader.header["alloc_table_ptr"]), reader.alloc_table
+    if (path.stat().st_size < end or len(np.unique(table["sample_id"])) < n
+            or (len(table) and int((table["ptr"] + table["size"]).max()) > end)):
+        raise GuardFastError(f"{path}: truncated .beton ({path.stat().st_size} bytes, its sample table is cut off); "
+                             "write it again with guard-fast data to-ffcv")
     if list(reader.handlers) != ["image", "label"]:
         raise GuardFastError(f"{path}: expected fields image, label (written by guard-fast data to-ffcv), "
                              f"found {', '.join(reader.handlers)}")

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from guard_fast.data.batches import Loader
+from guard_fast.data.classes import beton_classes, check_same_classes, folder_classes
 from guard_fast.data.folder import FolderDataset, ShardSampler, collate_skipping
 from guard_fast.data.presets import resolve_dataset
 from guard_fast.runtime.config import DataConfig
@@ -27,6 +28,13 @@ SPLITS = ("train", "val")
 def split_path(cfg: DataConfig, split: str) -> Path:
     root = Path(cfg.path)
     return root / (f"{split}.beton" if cfg.backend == "ffcv" else split)
+
+
+def missing_hint(cfg: DataConfig, split: str) -> str:
+    if cfg.backend == "ffcv":
+        return (f" (write it from an ImageFolder: guard-fast data to-ffcv --src {Path(cfg.path) / split} "
+                f"--out {split_path(cfg, split)})")
+    return f" (run: guard-fast data prepare-digits --out {cfg.path})" if cfg.dataset == "digits" else ""
 
 
 def build_loader(cfg: DataConfig, split: str, *, rank: int = 0, world: int = 1, device: torch.device | str = "cpu",
@@ -48,15 +56,21 @@ def build_loader(cfg: DataConfig, split: str, *, rank: int = 0, world: int = 1, 
     spec = resolve_dataset(cfg)
     path = split_path(cfg, split)
     if not path.exists():
-        hint = " (run: guard-fast data prepare-digits --out " + cfg.path + ")" if cfg.dataset == "digits" else ""
-        raise GuardFastError(f"data.path: {path} not found{hint}")
+        raise GuardFastError(f"data.path: {path} not found{missing_hint(cfg, split)}")
     if cfg.backend == "ffcv":
         from guard_fast.data.ffcv_backend import build_ffcv_loader
 
-        return build_ffcv_loader(cfg, spec, path, train=train, rank=rank, world=world, device=device, seed=seed,
-                                 batch_size=batch_size, drop_last=drop_last, subset=subset,
-                                 subset_seed=subset_seed, shard_block=shard_block)
+        classes = beton_classes(path)
+        if split == "val" and (train_path := split_path(cfg, "train")).exists():
+            check_same_classes(beton_classes(train_path), classes, train_path, path)
+        loader = build_ffcv_loader(cfg, spec, path, train=train, rank=rank, world=world, device=device, seed=seed,
+                                   batch_size=batch_size, drop_last=drop_last, subset=subset,
+                                   subset_seed=subset_seed, shard_block=shard_block)
+        loader.classes = classes
+        return loader
     ds = FolderDataset(path, spec.image_size, train, cfg.crop_scale_min, spec.crop_ratio, seed, cfg.skip_corrupt)
+    if split == "val" and (train_path := split_path(cfg, "train")).is_dir():
+        check_same_classes(folder_classes(train_path), ds.classes, train_path, path)
     if len(ds.classes) != spec.num_classes:
         raise GuardFastError(f"{path}: {len(ds.classes)} class folders, but the config/preset says "
                              f"{spec.num_classes} classes (data.num_classes)")

@@ -222,6 +222,7 @@ def run_recover(cfg: RecoverConfig, info: DistInfo) -> dict[str, Any]:
     key = images_key(cfg, asdict(spec))
     teacher = model_from_config(cfg.model, spec)
     teacher = teacher.to(info.device).eval().requires_grad_(False)
+    run.start()  # inputs checked: write the run's record
     chunks = chunk_items(spec.num_classes, cfg.ipc, cfg.batch_size)
     mine = list(range(info.rank, len(chunks), info.world))
     folder = run.path / "chunks"

@@ -85,6 +85,7 @@ def run_relabel(cfg: RelabelConfig, info: DistInfo) -> dict[str, Any]:
         raise GuardFastError(f"views.batch_size = {cfg.views.batch_size} exceeds the {len(images.labels)} images in "
                              f"{cfg.images}; lower it")
     key = labels_key(images.content_hash, file_sha256(cfg.model.checkpoint), cfg.views, cfg.topk, size)
+    run.start()  # inputs checked: write the run's record
     folder = run.path / "labels"
     mine = [e for e in range(cfg.epochs) if e % info.world == info.rank]
     todo = [e for e in mine if not saved_with_key(epoch_path(run.path, e), key)]

@@ -192,6 +192,7 @@ def run_evaluate(cfg: EvaluateConfig, info: DistInfo) -> dict[str, Any]:
     paths = cfg.checkpoint_paths()
     labels = cfg.labels or default_labels(paths)
     models = [load_model(cfg, spec, p) for p in paths]  # every checkpoint must load before any attack runs
+    run.start()  # inputs checked: write the run's record
     t0 = time.time()
     checkpoints = []
     flush = cfg.flush_denormal and info.device.type == "cpu"

@@ -1,18 +1,56 @@
 """Crash-safe DeepSpeed checkpoints: a checkpoint counts only once complete. DeepSpeed writes a tag folder on every
-rank, then rank 0 atomically rewrites `latest.json` to name it."""
+rank, then rank 0 marks it complete (`<tag>/complete.json`) and atomically rewrites `latest.json` to name it.
+
+Every file is read back with `weights_only=True` (`safe_load`): a run folder is user-supplied input, and DeepSpeed's
+own loader unpickles arbitrary objects. A garbled `latest.json` falls back to the newest complete checkpoint (said on
+stderr); a truncated or tampered file is refused with one line naming it.
+"""
 
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from guard_fast.runtime import distributed as D
-from guard_fast.runtime.errors import GuardFastError
+from guard_fast.runtime.errors import CheckpointError, GuardFastError
 from guard_fast.runtime.io import atomic_json
+
+COMPLETE = "complete.json"
+
+
+def _deepspeed_globals() -> list[Any]:
+    """The plain-data DeepSpeed classes its ZeRO optimizer states hold (allowlisted; nothing else is)."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path: str | Path, map_location: Any = None) -> Any:
+    """torch.load(weights_only=True); a truncated file or one holding code raises CheckpointError naming it."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: refused, it holds objects other than tensors and plain data "
+                              "(loaded with weights_only=True)") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (incomplete checkpoint)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt ({str(e).splitlines()[0][:160]})") from None
+
+
+def _valid(entry: Any) -> bool:
+    return isinstance(entry, dict) and isinstance(entry.get("tag"), str) and isinstance(entry.get("step"), int)
 
 
 class Checkpointer:
@@ -21,6 +59,8 @@ class Checkpointer:
 
     def __init__(self, folder: str | Path, engine, keep: int = 2):
         self.folder, self.engine, self.keep = Path(folder), engine, keep
+        # DeepSpeed reads every checkpoint file through its checkpoint engine's load (weights_only=False)
+        engine.checkpoint_engine.load = safe_load
 
     def save(self, step: int, state: dict[str, Any]) -> None:
         if (self.latest() or {}).get("step") == step:
@@ -28,13 +68,21 @@ class Checkpointer:
             # points to would leave no complete checkpoint if the process died mid-write.
             return
         tag = f"step{step:09d}"
-        self.engine.save_checkpoint(str(self.folder), tag=tag, client_state={"guard_fast": state},
-                                    save_latest=False)
-        torch.save({"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                   self.folder / tag / f"rng_rank{D.rank()}.pt")
+        try:
+            self.engine.save_checkpoint(str(self.folder), tag=tag, client_state={"guard_fast": state},
+                                        save_latest=False)
+            torch.save({"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                       self.folder / tag / f"rng_rank{D.rank()}.pt")
+        except OSError as e:  # disk full, quota, permissions: latest.json still names the previous checkpoint
+            shutil.rmtree(self.folder / tag, ignore_errors=True)
+            last = self.latest()
+            raise CheckpointError(f"checkpoint {self.folder / tag} not written ({e.strerror or e}); "
+                                  f"{self.folder / 'latest.json'} still names "
+                                  f"{last['tag'] if last else 'no checkpoint'}") from None
         D.barrier()  # every rank has written its part
         if D.rank() == 0:
+            atomic_json(self.folder / tag / COMPLETE, {"tag": tag, "step": step})
             atomic_json(self.folder / "latest.json", {"tag": tag, "step": step})
             tags = sorted(p.name for p in self.folder.glob("step*") if p.is_dir())
             for old in tags[: max(0, len(tags) - self.keep)]:
@@ -43,20 +91,56 @@ class Checkpointer:
 
     def latest(self) -> dict[str, Any] | None:
         try:
-            return json.loads((self.folder / "latest.json").read_text())
-        except (OSError, json.JSONDecodeError):
+            entry = json.loads((self.folder / "latest.json").read_text())
+        except (OSError, ValueError):
             return None
+        return entry if _valid(entry) else None
+
+    def newest_complete(self) -> dict[str, Any] | None:
+        """The highest-step tag folder holding a readable completion marker."""
+        for tag in sorted((p for p in self.folder.glob("step*") if p.is_dir()), reverse=True):
+            try:
+                entry = json.loads((tag / COMPLETE).read_text())
+            except (OSError, ValueError):
+                continue
+            if _valid(entry) and entry["tag"] == tag.name:
+                return entry
+        return None
+
+    def resume_point(self) -> dict[str, Any] | None:
+        """What --resume continues from: latest.json, or (garbled latest.json) the newest complete checkpoint."""
+        path = self.folder / "latest.json"
+        if not path.exists():
+            return None
+        latest = self.latest()
+        if latest is not None and (self.folder / latest["tag"]).is_dir():
+            return latest
+        fallback = self.newest_complete()
+        if fallback is None:
+            raise CheckpointError(f"{path} is unreadable or names a missing checkpoint, and {self.folder} holds no "
+                                  "complete checkpoint to fall back to; start again with --output.overwrite=true "
+                                  "or a new output.dir")
+        if D.rank() == 0:
+            print(f"warning: {path} is unreadable or names a missing checkpoint; resuming from the newest complete "
+                  f"checkpoint {fallback['tag']} (step {fallback['step']})", file=sys.stderr)
+        return fallback
 
     def load(self) -> tuple[int, dict[str, Any]] | None:
         """Restore the newest complete checkpoint into the engine; (step, client state) or None if there is none."""
-        latest = self.latest()
+        latest = self.resume_point()
         if latest is None:
             return None
         tag = latest["tag"]
-        path, client = self.engine.load_checkpoint(str(self.folder), tag=tag, load_module_strict=True)
-        if path is None:
-            raise GuardFastError(f"checkpoint {self.folder / tag} could not be loaded (incomplete or corrupt)")
-        rng = torch.load(self.folder / tag / f"rng_rank{D.rank()}.pt", weights_only=True)
+        try:
+            path, client = self.engine.load_checkpoint(str(self.folder), tag=tag, load_module_strict=True)
+        except GuardFastError:
+            raise
+        except Exception as e:  # shape/key mismatch, missing shard, DeepSpeed assertion
+            raise CheckpointError(f"checkpoint {self.folder / tag} could not be loaded: "
+                                  f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+        if path is None or not isinstance((client or {}).get("guard_fast"), dict):
+            raise CheckpointError(f"checkpoint {self.folder / tag} could not be loaded (incomplete or corrupt)")
+        rng = safe_load(self.folder / tag / f"rng_rank{D.rank()}.pt")
         torch.set_rng_state(rng["torch"])
         if rng["cuda"]:
             torch.cuda.set_rng_state_all(rng["cuda"])

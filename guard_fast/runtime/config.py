@@ -58,6 +58,11 @@ class DataConfig:
     """skip unreadable images (counted and reported) instead of stopping with an error naming the file"""
 
     def validate(self) -> None:
+        if self.image_size < 0:
+            raise ConfigError(f"data.image_size = {self.image_size}: must be >= 1 pixels (or 0 for the preset's)")
+        if self.num_classes < 0:
+            raise ConfigError(f"data.num_classes = {self.num_classes}: must be >= 1 (or 0 for the preset's / the "
+                              "folder's count)")
         if self.backend not in ("torch", "ffcv"):
             raise ConfigError(f"data.backend = {self.backend!r}: valid values are 'torch', 'ffcv'")
         if self.batch_size < 1 or self.eval_batch_size < 1:
@@ -108,6 +113,8 @@ class OutputConfig:
     """steps between checkpoints (0 = only at epoch end)"""
     progress: bool = True
     """show progress bars on rank 0"""
+    overwrite: bool = False
+    """a fresh run (no --resume) may replace another run's record and checkpoints in output.dir (else an error)"""
 
     def validate(self) -> None:
         if self.log_every < 1:
@@ -271,9 +278,13 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        return tomllib.loads(p.read_text())
+        return tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); TOML files must be UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror or e})") from None
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:

@@ -11,3 +11,7 @@ class ConfigError(GuardFastError, ValueError):
     """Invalid configuration: unknown key, wrong type, contradictory values. Exit code 2."""
 
     exit_code = 2
+
+
+class CheckpointError(GuardFastError):
+    """A checkpoint or run-folder file that cannot be used: truncated, garbled, or holding more than plain data."""

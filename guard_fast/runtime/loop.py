@@ -148,6 +148,9 @@ def build_trainer(model: torch.nn.Module, optim: OptimConfig, dist: DistConfig, 
         step = loaded[0]
         if info.is_main:
             print(f"resumed from step {step}")
+    run.start()  # inputs checked, checkpoint loaded: the run starts; only now is its record written
+    if resume:
+        run.resumed_at(step)
     total = optim.epochs * steps_per_epoch
     bar = tqdm(total=total, initial=step, desc=desc, disable=not (info.is_main and output.progress))
     return Trainer(engine, scheduler, ckpt, run, info, output, optim.grad_accum, steps_per_epoch, total, stop_after,

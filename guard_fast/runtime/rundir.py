@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import os
 import platform
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -12,6 +15,7 @@ from typing import Any
 import torch
 
 from guard_fast.runtime import config as config_mod
+from guard_fast.runtime.errors import GuardFastError
 from guard_fast.runtime.io import append_jsonl, atomic_json, atomic_text
 
 PACKAGES = ("torch", "torchvision", "triton", "deepspeed", "ffcv", "numpy", "torchattacks")
@@ -57,18 +61,82 @@ def environment(device: torch.device | str | None = None) -> dict[str, Any]:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-class RunDir:
-    """A run folder. Rank 0 writes config.toml/config.json/environment.json at start and appends metrics.jsonl."""
+RECORD = ("config.toml", "config.json", "environment.json", "metrics.jsonl", "result.json", "checkpoints")
+"""what a started run leaves in its folder (plus the stage's products, e.g. teacher.pt)"""
 
-    def __init__(self, path: str | Path, cfg: Any = None, *, is_main: bool = True, device=None):
-        self.path = Path(path)
-        self.is_main = is_main
-        if is_main:
-            self.path.mkdir(parents=True, exist_ok=True)
-            if cfg is not None:
-                atomic_text(self.path / "config.toml", config_mod.to_toml(cfg))
-                atomic_json(self.path / "config.json", config_mod.to_dict(cfg))
-            atomic_json(self.path / "environment.json", environment(device))
+
+def check_output_dir(path: Path) -> None:
+    """One-line errors for an output folder that cannot be one: a file, under a file, or not writable."""
+    if path.exists() and not path.is_dir():
+        raise GuardFastError(f"output.dir = {path} is a file, not a folder; choose another output.dir")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise GuardFastError(f"output.dir = {path}: {parent} is a file, not a folder; choose another output.dir")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise GuardFastError(f"output.dir = {path}: {parent} is not writable; choose another output.dir")
+
+
+class RunDir:
+    """A run folder. Nothing is written until `start()`, called once the run's inputs are checked and it is known
+    to start: rank 0 then writes config.toml/config.json/environment.json, and appends metrics.jsonl later.
+
+    `resume`: None = the stage reuses finished work itself (recover, relabel, evaluate, pipeline caches); False = a
+    fresh run, which must own its folder: another run's record or checkpoints there is an error naming the flags,
+    unless `overwrite` (then `start()` removes that run's record and `products` first); True = continue the run
+    already in the folder (its record is rewritten at start, its metrics cut back to the resumed step)."""
+
+    def __init__(self, path: str | Path, cfg: Any = None, *, is_main: bool = True, device=None,
+                 resume: bool | None = None, overwrite: bool = False, products: tuple[str, ...] = ()):
+        self.path, self.cfg, self.device = Path(path), cfg, device
+        self.is_main, self.resume, self.overwrite, self.products = is_main, resume, overwrite, products
+        check_output_dir(self.path)
+        if resume is False and not overwrite and (found := self.foreign()):
+            raise GuardFastError(f"output.dir = {self.path} holds another run ({', '.join(found)}); pass --resume "
+                                 "to continue it, a new --output.dir, or --output.overwrite=true to replace it")
+
+    def foreign(self) -> list[str]:
+        """Names of another run's record or products in the folder (an empty checkpoints/ does not count)."""
+        found = []
+        for name in (*RECORD, *self.products):
+            p = self.path / name
+            if p.is_file() or (p.is_dir() and any(p.iterdir())):
+                found.append(name)
+        return found
+
+    def start(self) -> "RunDir":
+        """The run is starting: (overwrite) clear the old run, drop stale temp files, write the record."""
+        if not self.is_main:
+            return self
+        if self.resume is False and self.overwrite:
+            for name in self.foreign():
+                p = self.path / name
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        self.path.mkdir(parents=True, exist_ok=True)
+        for tmp in (*self.path.glob(".*.tmp"), *self.path.glob("checkpoints/.*.tmp")):
+            tmp.unlink(missing_ok=True)  # left by a killed atomic write; this run owns the folder
+        if self.cfg is not None:
+            atomic_text(self.path / "config.toml", config_mod.to_toml(self.cfg))
+            atomic_json(self.path / "config.json", config_mod.to_dict(self.cfg))
+        atomic_json(self.path / "environment.json", environment(self.device))
+        return self
+
+    def resumed_at(self, step: int, file: str = "metrics.jsonl") -> None:
+        """Drop metric lines past `step` (logged after the checkpoint a resumed run restarts from; they are logged
+        again) and any line a kill cut short."""
+        path = self.path / file
+        if not self.is_main or not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(rec, dict) or rec.get("step", 0) <= step:
+                kept.append(line + "\n")
+        atomic_text(path, "".join(kept))
 
     def log(self, record: dict[str, Any], file: str = "metrics.jsonl") -> None:
         if self.is_main:

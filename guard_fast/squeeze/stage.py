@@ -51,7 +51,8 @@ class SqueezeConfig:
 
 def run_squeeze(cfg: SqueezeConfig, info: DistInfo) -> dict[str, Any]:
     """Train the teacher; returns the final metrics. Writes output.dir/{teacher.pt, result.json, metrics.jsonl}."""
-    run = RunDir(cfg.output.dir, cfg, is_main=info.is_main, device=info.device)
+    run = RunDir(cfg.output.dir, cfg, is_main=info.is_main, device=info.device, resume=cfg.resume,
+                 overwrite=cfg.output.overwrite, products=("teacher.pt",))
     seed = cfg.dist.seed
     train = build_loader(cfg.data, "train", rank=info.rank, world=info.world, device=info.device, seed=seed)
     val = build_loader(cfg.data, "val", rank=info.rank, world=info.world, device=info.device)
@@ -80,4 +81,10 @@ def run_squeeze(cfg: SqueezeConfig, info: DistInfo) -> dict[str, Any]:
         if epoch + 1 == cfg.optim.epochs or (cfg.val_every and (epoch + 1) % cfg.val_every == 0):
             metrics = accuracy(engine.module, val, cfg.robust_eval_eps, cfg.robust_eval_steps, cfg.val_batches, dtype)
             trainer.log_validation(epoch, metrics)
-    return trainer.finish("teacher.pt", {"objective": cfg.objective.name, "steps": trainer.step, "val": metrics})
+    skipped = {"train": train.skipped, "val": val.skipped}  # data.skip_corrupt: images skipped by this process
+    if cfg.data.skip_corrupt:
+        run.log({"step": trainer.step, "skipped_images": skipped})
+        if info.is_main:
+            print(f"skipped unreadable images: {skipped['train']} train, {skipped['val']} val (data.skip_corrupt)")
+    return trainer.finish("teacher.pt", {"objective": cfg.objective.name, "steps": trainer.step, "val": metrics,
+                                         "skipped_images": skipped})

@@ -102,7 +102,8 @@ def run_train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     """Train the student; writes output.dir/{student.pt, result.json, metrics.jsonl, checkpoints/}."""
     if cfg.soft_labels == "online" and not cfg.teacher.checkpoint:  # not in validate(): the pipeline fills it in
         raise ConfigError("teacher.checkpoint: soft_labels = 'online' needs the teacher's checkpoint")
-    run = RunDir(cfg.output.dir, cfg, is_main=info.is_main, device=info.device)
+    run = RunDir(cfg.output.dir, cfg, is_main=info.is_main, device=info.device, resume=cfg.resume,
+                 overwrite=cfg.output.overwrite, products=("student.pt",))
     spec = resolve_dataset(cfg.data)
     images = load_synthetic(cfg.images, spec.num_classes)
     size, n = spec.image_size, len(images.labels)
