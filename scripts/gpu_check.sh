@@ -11,12 +11,14 @@
 # Exit status: 0 when every step passed (or when there is no CUDA device: one line, nothing run), 1 otherwise.
 #
 # Environment: PY (default .venv/bin/python, made by `make setup`), OUT (default runs/gpu-check),
-# GPU_CHECK_DRY_RUN=1 runs the same steps on the CPU at toy sizes (checks the script, not the GPU).
+# GPU_CHECK_DRY_RUN=1 runs the same steps on the CPU at toy sizes (checks the script, not the GPU);
+# GPU_CHECK_LIMIT_SCALE multiplies every step's time limit (default 1; 6 in a dry run, CPUs compile slowly).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/gpu-check}
 DRY=${GPU_CHECK_DRY_RUN:-0}
+LIMIT_SCALE=${GPU_CHECK_LIMIT_SCALE:-$([[ "$DRY" == 1 ]] && echo 6 || echo 1)}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONDONTWRITEBYTECODE=1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # nothing here downloads; make sure nothing tries
 
@@ -34,14 +36,14 @@ if [[ "$DRY" == 1 ]]; then
     SLUG="dry-run"
     RESULTS="$OUT/results"  # a dry run never writes into bench/results
     # toy sizes: (classes, train/class, batch, width, epochs, bench image px, bench batch, reps, warm-up)
-    CLASSES=4 PER_CLASS=4 BATCH=4 WIDTH=4 EPOCHS=1 BENCH_PX=64 BENCH_BATCH=4 REPS=2 WARMUP=1
+    CLASSES=4 PER_CLASS=4 BATCH=4 WIDTH=4 EPOCHS=1 WORKERS=1 BENCH_PX=64 BENCH_BATCH=4 REPS=2 WARMUP=2
     DEV_ARGS=(--dist.device=cpu)
 else
     DEVICE=$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))')
     SLUG=$(echo "$DEVICE" | tr '[:upper:]' '[:lower:]' | tr -cs 'a-z0-9' '-' | sed 's/^-//; s/-$//')
     RESULTS="bench/results"
     # 16 classes x 64 images at batch 128: 8 steps per epoch, 2 epochs (the second runs on the compiled graph)
-    CLASSES=16 PER_CLASS=64 BATCH=128 WIDTH=64 EPOCHS=2 BENCH_PX=224 BENCH_BATCH=256 REPS=5 WARMUP=2
+    CLASSES=16 PER_CLASS=64 BATCH=128 WIDTH=64 EPOCHS=2 WORKERS=8 BENCH_PX=224 BENCH_BATCH=256 REPS=5 WARMUP=2
     DEV_ARGS=(--dist.device=cuda)
 fi
 rm -rf "$OUT"
@@ -60,7 +62,7 @@ FAILED=0
 
 # step NAME LIMIT_S CMD...: run with a time limit, log to $OUT/NAME.log, record status and wall time.
 step() {
-    local name=$1 limit=$2
+    local name=$1 limit=$(($2 * LIMIT_SCALE))
     shift 2
     local t0=$SECONDS rc=0
     echo "gpu-check: [$name] $* (limit ${limit}s, log $OUT/$name.log)"
@@ -82,10 +84,10 @@ fi
 DATA="$OUT/data"
 step data 60 bash -c "\"$PY\" -m bench.toy_imagenet --out \"$DATA/folders\" --classes $CLASSES --train $PER_CLASS \
     --val 2 && for s in train val; do \"$PY\" -m launchers.cli data to-ffcv --src \"$DATA/folders/\$s\" \
-    --out \"$DATA/\$s.beton\" --mode jpg --workers 4 || exit 1; done"
+    --out \"$DATA/\$s.beton\" --mode jpg --workers $WORKERS || exit 1; done"
 
 step squeeze 150 "$PY" launchers/squeeze.py --config configs/squeeze-imagenet-1k-guard.toml "${DEV_ARGS[@]}" \
-    --data.path="$DATA" --data.batch_size=$BATCH --data.eval_batch_size=$BATCH --data.workers=4 \
+    --data.path="$DATA" --data.batch_size=$BATCH --data.eval_batch_size=$BATCH --data.workers=$WORKERS \
     --model.width=$WIDTH --model.compile=true --optim.epochs=$EPOCHS --output.dir="$OUT/squeeze" \
     --output.log_every=1 --output.progress=false
 
