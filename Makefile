@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench gpu-check clean
 
 setup:
 	@bash scripts/setup.sh
@@ -19,6 +19,12 @@ demo: setup
 
 bench: setup
 	$(PY) -m launchers.cli bench --config configs/bench-cpu.toml
+
+# The CUDA path in one prepared run (< 8 min on one H100, no network): compiled Triton kernel tests, a 1-GPU bf16
+# DeepSpeed squeeze with torch.compile through FFCV, configs/bench-gpu.toml -> bench/results/gpu-*. Needs the
+# environment of `make setup` (not run here: the GPU machine may have no network). No CUDA: one line, exit 0.
+gpu-check:
+	@bash scripts/gpu_check.sh
 
 clean:
 	rm -rf runs/ data/digits .pytest_cache

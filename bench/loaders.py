@@ -1,10 +1,13 @@
-"""Images/s of the ffcv and torch loaders, side by side in one run, on JPEGs cut from real photographs.
+"""Images/s of the ffcv and torch loaders, side by side in one run, on the data we train on.
 
-The data: random 256 px crops of scikit-learn's two sample photographs (china.jpg, flower.jpg), written once as a
-JPEG ImageFolder (2 classes, one per photograph) and as a .beton (JPEG mode). Both loaders decode, RandomResizedCrop
-to --size, flip, and produce float [0,1] batches; epochs alternate between the backends so drift hits both alike.
+--dataset photos (default): random 256 px crops of scikit-learn's two sample photographs (china.jpg, flower.jpg),
+written once as a JPEG ImageFolder (2 classes, one per photograph) and as a .beton (JPEG mode).
+--dataset digits: the bundled digits train split exactly as the demo trains on it (`prepare-digits`: 1,438 RGB PNGs
+of 32 px, 10 classes) and its .beton in raw mode (what `guard-fast data to-ffcv` writes by default).
+Both loaders decode, RandomResizedCrop to --size, flip, and produce float [0,1] batches; epochs alternate between the
+backends so drift hits both alike.
 
-    python -m bench.loaders [--files 2000] [--size 224] [--batch 64] [--workers 2] [--reps 3]
+    python -m bench.loaders [--dataset photos|digits] [--files 2000] [--size 224] [--batch 64] [--workers 2] [--reps 3]
 """
 
 from __future__ import annotations
@@ -54,9 +57,10 @@ def epoch_rate(loader) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.loaders", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default="data/bench-photos", help="cache folder for the JPEGs and the .beton")
+    p.add_argument("--dataset", choices=("photos", "digits"), default="photos", help="which data (see above)")
+    p.add_argument("--data", default="", help="cache folder for the images and the .beton (default data/bench-DATASET)")
     p.add_argument("--files", type=int, default=2000, help="number of 256 px JPEG crops")
-    p.add_argument("--size", type=int, default=224, help="output side in pixels")
+    p.add_argument("--size", type=int, default=0, help="output side in pixels (default 224 photos, 32 digits)")
     p.add_argument("--batch", type=int, default=64, help="images per batch")
     p.add_argument("--workers", type=int, default=2, help="decode workers (processes for torch, threads for ffcv)")
     p.add_argument("--reps", type=int, default=3, help="measured epochs per backend (after one warm-up epoch)")
@@ -65,12 +69,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from guard_fast.data.ffcv_backend import write_beton
 
-    root = make_jpeg_folder(Path(args.data), args.files)
+    digits = args.dataset == "digits"
+    args.size = args.size or (32 if digits else 224)
+    root = Path(args.data or f"data/bench-{args.dataset}")
+    if digits:
+        from guard_fast.data.digits import prepare_digits
+
+        if not (root / "train").is_dir():
+            prepare_digits(root, size=32, val_fraction=0.2, seed=0)
+    else:
+        make_jpeg_folder(root, args.files)
     beton = root / "beton"
     if not (beton / "train.beton").exists():
-        write_beton(root / "train", beton / "train.beton", mode="jpg", jpeg_quality=90, workers=args.workers)
-    common = dict(dataset="imagefolder", num_classes=2, image_size=args.size, batch_size=args.batch,
-                  workers=args.workers)
+        write_beton(root / "train", beton / "train.beton", mode="raw" if digits else "jpg", jpeg_quality=90,
+                    workers=args.workers)
+    common = dict(dataset="digits" if digits else "imagefolder", num_classes=10 if digits else 2,
+                  image_size=args.size, batch_size=args.batch, workers=args.workers)
     loaders = {"torch": build_loader(DataConfig(path=str(root), backend="torch", **common), "train"),
                "ffcv": build_loader(DataConfig(path=str(beton), backend="ffcv", **common), "train")}
     samples: dict[str, list[float]] = {k: [] for k in loaders}
@@ -85,10 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     ratio = stats["ffcv"]["median"] / stats["torch"]["median"]
     rows = [[k, round(s["median"], 1), f"{s['p20']:.1f}-{s['p80']:.1f}", s["n"]] for k, s in stats.items()]
     config = {k: v for k, v in vars(args).items() if k not in ("out", "data")}
-    notes = (f"ffcv / torch images/s: {ratio:.2f}x. Data: {args.files} random 256 px JPEG (q90) crops of scikit-learn's "
-             f"two sample photographs; train pipeline RandomResizedCrop({args.size}) + flip -> float [0,1].")
+    if digits:
+        data = f"the digits train split ({loaders['torch'].num_samples} RGB PNGs, 32 px; .beton in raw mode)"
+    else:
+        data = f"{args.files} random 256 px JPEG (q90) crops of scikit-learn's two sample photographs"
+    notes = (f"ffcv / torch images/s: {ratio:.2f}x. Data: {data}; train pipeline RandomResizedCrop({args.size}) + "
+             f"flip -> float [0,1]; {args.workers} workers (processes for torch, threads for ffcv).")
     kw = {"out_dir": args.out} if args.out else {}
-    paths = write_results("loaders", config, {"samples": samples, "stats": stats, "ffcv_over_torch": ratio},
+    name = "loaders" if args.dataset == "photos" else f"loaders-{args.dataset}"
+    paths = write_results(name, config, {"samples": samples, "stats": stats, "ffcv_over_torch": ratio},
                           ["backend", "images/s (median)", "p20-p80", "epochs"], rows, notes=notes, **kw)
     print(notes)
     print("wrote", *paths)

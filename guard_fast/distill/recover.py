@@ -23,7 +23,7 @@ from guard_fast.data.augment import resized_crop, sample_rrc
 from guard_fast.data.folder import scan_folder
 from guard_fast.data.presets import resolve_dataset
 from guard_fast.data.synthetic import to_uint8, write_synthetic
-from guard_fast.models import Classifier, ModelConfig, model_from_config
+from guard_fast.models import Classifier, ModelConfig, model_from_config, prepare_model
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
 from guard_fast.runtime.distributed import DistInfo
@@ -158,7 +158,7 @@ def recover_chunk(teacher: Classifier, labels: torch.Tensor, cfg: RecoverConfig,
             for g in opt.param_groups:  # cosine, no warmup
                 g["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * it / cfg.iterations))
             x = augment(u, gen, crop_lower_bound(it, cfg.iterations, cfg), cfg.jitter)
-            logits = teacher.body(x)
+            logits = teacher.body(teacher.input_format(x))
             loss = F.cross_entropy(logits, labels) + cfg.r_bn * bn.pop()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -221,7 +221,7 @@ def run_recover(cfg: RecoverConfig, info: DistInfo) -> dict[str, Any]:
     size = spec.image_size
     key = images_key(cfg, asdict(spec))
     teacher = model_from_config(cfg.model, spec)
-    teacher = teacher.to(info.device).eval().requires_grad_(False)
+    teacher = prepare_model(teacher.to(info.device).eval().requires_grad_(False), cfg.model)
     run.start()  # inputs checked: write the run's record
     chunks = chunk_items(spec.num_classes, cfg.ipc, cfg.batch_size)
     mine = list(range(info.rank, len(chunks), info.world))

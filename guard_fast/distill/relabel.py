@@ -20,7 +20,7 @@ from guard_fast.data.presets import resolve_dataset
 from guard_fast.data.soft_labels import LABELS, epoch_path
 from guard_fast.data.synthetic import SyntheticSet, load_synthetic
 from guard_fast.data.views import EpochPlan, ViewConfig, plan_epoch, render
-from guard_fast.models import ModelConfig, model_from_config
+from guard_fast.models import ModelConfig, model_from_config, prepare_model
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
 from guard_fast.runtime.distributed import DistInfo
@@ -80,7 +80,7 @@ def run_relabel(cfg: RelabelConfig, info: DistInfo) -> dict[str, Any]:
     images = load_synthetic(cfg.images, spec.num_classes)
     size = spec.image_size
     teacher = model_from_config(cfg.model, spec)
-    teacher = teacher.to(info.device).eval().requires_grad_(False)
+    teacher = prepare_model(teacher.to(info.device).eval().requires_grad_(False), cfg.model)
     if len(images.labels) < cfg.views.batch_size:
         raise GuardFastError(f"views.batch_size = {cfg.views.batch_size} exceeds the {len(images.labels)} images in "
                              f"{cfg.images}; lower it")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-import torch
 from torch import nn
 
 from guard_fast.models.classifier import Classifier, load_checkpoint, save_checkpoint, unwrap
@@ -37,11 +36,19 @@ def model_from_config(cfg: ModelConfig, spec: DatasetSpec, checkpoint: str | Non
 
 
 def prepare_model(model: nn.Module, cfg: ModelConfig) -> nn.Module:
-    """channels_last, then compile (compile must see the final memory format); DeepSpeed wraps the result."""
+    """channels_last, then compile (compile must see the final memory format); DeepSpeed wraps the result.
+
+    channels_last is applied to the body's *inputs* (Classifier.normalize), not to the weights: convolutions run in
+    channels_last when either operand is (cudnn's and oneDNN's suggest_memory_format), so activations and their
+    gradients stay channels_last; and DeepSpeed cannot take channels_last parameters (its initial broadcast views
+    each parameter as bytes, which needs stride(-1) == 1, and ZeRO replaces parameters by contiguous views of its flat
+    buffers anyway)."""
     if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        unwrap(model).channels_last = True
     if cfg.compile:
-        model.compile()  # in place: the module (and its state-dict keys) stay the same object
+        # The body, in place (same module object and state-dict keys): the objectives and recover call model.body(u)
+        # directly, so compiling the Classifier's forward would leave their passes eager.
+        unwrap(model).body.compile()
     return model
 
 

@@ -24,9 +24,14 @@ class Classifier(nn.Module):
         self.body = body
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.channels_last = False  # set by prepare_model; body inputs then use the channels_last memory format
+
+    def input_format(self, u: torch.Tensor) -> torch.Tensor:
+        """u in the memory format the body's convolutions should run in (a no-op copy-free view when it already is)."""
+        return u.contiguous(memory_format=torch.channels_last) if self.channels_last else u
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+        return self.input_format((x - self.mean) / self.std)
 
     def denormalize(self, u: torch.Tensor) -> torch.Tensor:
         return u * self.std + self.mean
