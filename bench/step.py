@@ -259,8 +259,9 @@ def run_benchmark(cfg: BenchConfig, device: torch.device, engine_factory: Callab
     torch.manual_seed(cfg.dist.seed)
     model = build_model(cfg.model.arch, b.num_classes, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
                         width=cfg.model.width).to(device)
+    if cfg.model.channels_last:  # as the stages do: channels_last inputs, contiguous weights (DeepSpeed needs them)
+        model.channels_last = True
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
     optimizer = torch.optim.SGD(model.parameters(), lr=b.lr, momentum=0.9)
     engine = engine_factory(model, optimizer) if engine_factory is not None else None
     gen = torch.Generator().manual_seed(cfg.dist.seed)
