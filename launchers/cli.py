@@ -13,6 +13,8 @@ COMMANDS = {
     "data": "launchers.data",
     "squeeze": "launchers.squeeze",
     "recover": "launchers.recover",
+    "experts": "launchers.experts",
+    "mtt": "launchers.mtt",
     "relabel": "launchers.relabel",
     "train": "launchers.train",
     "evaluate": "launchers.evaluate",

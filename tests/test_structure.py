@@ -14,6 +14,8 @@ STAGES = {
     "guard_fast.squeeze.stage": "guard_fast.squeeze",
     "guard_fast.distill.recover": "guard_fast.distill.recover",
     "guard_fast.distill.relabel": "guard_fast.distill.relabel",
+    "guard_fast.distill.experts": "guard_fast.distill.experts",
+    "guard_fast.distill.mtt": "guard_fast.distill.mtt",
     "guard_fast.student.kd": "guard_fast.student",
     "guard_fast.robustness.evaluate": "guard_fast.robustness.evaluate",
 }
