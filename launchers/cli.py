@@ -15,6 +15,7 @@ COMMANDS = {
     "recover": "launchers.recover",
     "relabel": "launchers.relabel",
     "train": "launchers.train",
+    "train-hard": "launchers.train_hard",
     "evaluate": "launchers.evaluate",
     "pipeline": "launchers.pipeline",
     "bench": "launchers.bench",
