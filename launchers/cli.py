@@ -14,6 +14,7 @@ COMMANDS = {
     "squeeze": "launchers.squeeze",
     "recover": "launchers.recover",
     "relabel": "launchers.relabel",
+    "dc": "launchers.dc",
     "train": "launchers.train",
     "train-hard": "launchers.train_hard",
     "evaluate": "launchers.evaluate",

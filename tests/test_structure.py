@@ -14,6 +14,7 @@ STAGES = {
     "guard_fast.squeeze.stage": "guard_fast.squeeze",
     "guard_fast.distill.recover": "guard_fast.distill.recover",
     "guard_fast.distill.relabel": "guard_fast.distill.relabel",
+    "guard_fast.distill.dc": "guard_fast.distill.dc",
     "guard_fast.student.kd": "guard_fast.student.kd",
     "guard_fast.student.hard": "guard_fast.student.hard",
     "guard_fast.robustness.evaluate": "guard_fast.robustness.evaluate",
