@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from guard_fast.data.augment import resized_crop, sample_rrc
-from guard_fast.data.folder import scan_folder
 from guard_fast.data.presets import resolve_dataset
-from guard_fast.data.synthetic import save_grid, to_uint8, write_synthetic
+from guard_fast.data.synthetic import class_names, save_grid, to_uint8, write_synthetic
 from guard_fast.models import Classifier, ModelConfig, model_from_config
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
@@ -183,16 +182,6 @@ def images_key(cfg: RecoverConfig, spec_dict: dict[str, Any]) -> str:
     c["teacher_sha256"] = file_sha256(ckpt) if ckpt.is_file() else None
     c["spec"] = spec_dict
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def class_names(cfg: DataConfig, num_classes: int) -> list[str]:
-    """The real train folder's class names when available (so folders line up with the real data), else 0000..."""
-    train = Path(cfg.path) / "train"
-    if train.is_dir():
-        names, _ = scan_folder(train)
-        if len(names) == num_classes:
-            return names
-    return [f"{c:04d}" for c in range(num_classes)]
 
 
 def run_recover(cfg: RecoverConfig, info: DistInfo) -> dict[str, Any]:
