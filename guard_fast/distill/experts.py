@@ -22,7 +22,7 @@ from tqdm import tqdm
 from guard_fast.data.presets import resolve_dataset
 from guard_fast.data.real import load_real
 from guard_fast.distill.buffer import BUFFER, expert_path
-from guard_fast.distill.matching import AUGMENTS, FlatNet
+from guard_fast.distill.matching import AUGMENTS, FlatNet, build_augment
 from guard_fast.models import ModelConfig, model_from_config
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
@@ -51,8 +51,8 @@ class ExpertsConfig:
     """SGD learning rate (no momentum, no weight decay, as MTT)"""
     batch_size: int = 256
     """images per SGD step (MTT: 256)"""
-    augment: str = "none"
-    """augmentation of the real batches: none (MTT's experts use DSA)"""
+    augment: str = "dsa"
+    """augmentation of the real batches: none or dsa (MTT's experts use DSA, one draw per image)"""
     stop_after: int = 0
     """stop after this many experts on each rank as if killed (0 = run to the end; for tests)"""
 
@@ -84,7 +84,7 @@ def train_expert(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Ten
     """SGD on normalized real images; returns the (epochs + 1, P) flat trajectory and per-epoch train accuracy."""
     body = model.body
     flat = FlatNet(body)
-    augment = AUGMENTS[cfg.augment]
+    augment = build_augment(cfg.augment, model.mean, model.std)
     opt = torch.optim.SGD(body.parameters(), lr=cfg.lr, momentum=0.0, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     trajectory, accs = [flat.flat().cpu()], []

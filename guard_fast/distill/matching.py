@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from guard_fast.data.dsa import STRATEGY, apply_dsa, sample_dsa
+
 # (images (B, 3, S, S) normalized, seed) -> augmented images: differentiable in the images, deterministic in the seed
 Augment = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -147,5 +149,20 @@ def tesla_grads(net: FlatNet, images: torch.Tensor, labels: torch.Tensor, lr: to
 
 GRADS = {"mtt": mtt_grads, "tesla": tesla_grads}
 
-AUGMENTS: dict[str, Augment] = {"none": no_augment}
-"""augmentation applied to every batch (experts) and every synthetic minibatch (distillation), by name"""
+AUGMENTS = ("none", "dsa")
+"""augmentation of every real batch (experts) and every synthetic minibatch (distillation)"""
+
+
+def build_augment(name: str, mean: torch.Tensor, std: torch.Tensor, strategy: str = STRATEGY) -> Augment:
+    """none, or DSA with one draw per image (MTT's DiffAugment with seed -1) from a generator seeded by the step's
+    seed, applied in [0, 1] pixel space (as the student's DSA) to normalized inputs: u -> norm(dsa(denorm(u)))."""
+    if name == "none":
+        return no_augment
+
+    def augment(u: torch.Tensor, seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        x = u * std + mean  # (B, 3, S, S) in [0, 1] pixel units
+        x = apply_dsa(x, sample_dsa(gen, strategy, x.shape[2], x.shape[3], x.shape[0]))
+        return (x - mean) / std
+
+    return augment

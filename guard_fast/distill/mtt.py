@@ -32,7 +32,7 @@ from guard_fast.data.presets import resolve_dataset
 from guard_fast.data.real import RealSet, load_real
 from guard_fast.data.synthetic import content_hash, save_grid, to_uint8, write_synthetic
 from guard_fast.distill.buffer import load_trajectory, read_buffer
-from guard_fast.distill.matching import AUGMENTS, GRADS, FlatNet, plan_steps
+from guard_fast.distill.matching import AUGMENTS, GRADS, FlatNet, build_augment, plan_steps
 from guard_fast.models import Classifier, ModelConfig, model_from_config
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
@@ -85,8 +85,8 @@ class MTTConfig:
     """synthetic images per inner step (0 = all of them, MTT's default)"""
     trajectories: int = 1
     """(expert, start epoch) samples per iteration, spread over ranks; gradients averaged (MTT: 1)"""
-    augment: str = "none"
-    """differentiable augmentation of every synthetic minibatch: none"""
+    augment: str = "dsa"
+    """differentiable augmentation of every synthetic minibatch: none or dsa (MTT/TESLA use DSA)"""
     grid_classes: int = 10
     """classes (rows) shown in grid.png"""
     stop_after: int = 0
@@ -190,7 +190,7 @@ def run_mtt(cfg: MTTConfig, info: DistInfo) -> dict[str, Any]:
         start_it = int(state["iteration"])
     labels = labels.to(info.device)
     experts = Trajectories(cfg.buffer, manifest, info.device)
-    grads, augment = GRADS[cfg.method], AUGMENTS[cfg.augment]
+    grads, augment = GRADS[cfg.method], build_augment(cfg.augment, model.mean, model.std)
     batch = cfg.batch_syn or len(labels)
 
     def save_state(it: int) -> None:
@@ -240,7 +240,7 @@ def run_mtt(cfg: MTTConfig, info: DistInfo) -> dict[str, Any]:
     save_state(cfg.iterations)
     result: dict[str, Any] = {}
     if info.is_main:
-        result = _write_set(run, cfg, model, net, experts, u.detach(), labels, float(syn_lr), real.classes, picked,
+        result = _write_set(run, cfg, model, net, experts, u.detach(), labels, float(syn_lr.detach()), real.classes, picked,
                             key, manifest, losses)
     D.barrier()
     return D.broadcast_object(result)

@@ -16,7 +16,9 @@ average is the global batch mean for any split. DSA draws are made for the globa
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +28,7 @@ from guard_fast.attacks.accuracy import accuracy
 from guard_fast.data import build_loader
 from guard_fast.data.dsa import STRATEGY, apply_dsa, check_strategy, sample_dsa
 from guard_fast.data.presets import resolve_dataset
-from guard_fast.data.synthetic import load_synthetic
+from guard_fast.data.synthetic import SyntheticSet, load_synthetic
 from guard_fast.models import ModelConfig, model_from_config, prepare_model
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
 from guard_fast.runtime.distributed import DistInfo
@@ -70,6 +72,11 @@ class HardTrainConfig:
     """epochs between validations on the real val split (0 = only at the end)"""
     val_batches: int = 0
     """validation batches per rank (0 = the whole val split)"""
+    lr_from_set: bool = False
+    """use the learning rate the set's distillation learned (manifest syn_lr: MTT/TESLA) instead of optim.lr"""
+    labels: str = "hard"
+    """hard (the set's class ids) or soft (the probabilities of the set's soft-label file: TESLA, cross-entropy
+    against them)"""
 
     def validate(self) -> None:
         if self.augment not in AUGMENTS:
@@ -80,6 +87,8 @@ class HardTrainConfig:
             raise ConfigError(f"dsa_strategy: {e}") from None
         if self.batch_size < 1:
             raise ConfigError(f"batch_size = {self.batch_size}: must be >= 1")
+        if self.labels not in ("hard", "soft"):
+            raise ConfigError(f"labels = {self.labels!r}: valid values are 'hard', 'soft'")
         if min(self.stop_after, self.val_every, self.val_batches) < 0:
             raise ConfigError("stop_after, val_every and val_batches must be >= 0")
 
@@ -87,6 +96,25 @@ class HardTrainConfig:
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The epoch's shuffle of n images, seeded by (seed, epoch): identical on every rank and after a resume."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def set_labels(cfg: HardTrainConfig, images: SyntheticSet) -> torch.Tensor:
+    """The targets: class ids, or (labels = soft) the probabilities of the file the set's manifest names, checked
+    to belong to these images."""
+    if cfg.labels == "hard":
+        return images.labels
+    entry = images.manifest.get("soft_labels")
+    if not entry:
+        raise GuardFastError(f"{cfg.images}: labels = soft, but the set has no soft labels (only TESLA sets do)")
+    path = Path(cfg.images) / entry["file"]
+    try:
+        soft = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise GuardFastError(f"{path}: cannot load the soft labels ({type(e).__name__}: {e})") from None
+    if soft.get("content_hash") != images.content_hash or soft["probs"].shape != (len(images.labels),
+                                                                                  images.num_classes):
+        raise GuardFastError(f"{path}: soft labels made for another image set; rerun the distillation")
+    return soft["probs"].float()
 
 
 def run_train_hard(cfg: HardTrainConfig, info: DistInfo) -> dict[str, Any]:
@@ -102,13 +130,19 @@ def run_train_hard(cfg: HardTrainConfig, info: DistInfo) -> dict[str, Any]:
     if n < info.world:
         raise GuardFastError(f"{cfg.images} holds {n} images, fewer than the {info.world} ranks")
     pixels = images.pixels.float().div(255).to(info.device)  # (N, 3, S, S) in [0, 1]
-    labels = images.labels.to(info.device)
+    labels = set_labels(cfg, images).to(info.device)  # (N,) class ids or (N, C) probabilities
+    optim = copy.deepcopy(cfg.optim)
+    if cfg.lr_from_set:
+        if "syn_lr" not in images.manifest:
+            raise GuardFastError(f"{cfg.images}: lr_from_set, but the set's manifest has no learned lr (syn_lr); "
+                                 "only MTT/TESLA sets do")
+        optim.lr = float(images.manifest["syn_lr"])
     batch = min(cfg.batch_size, n)
     steps_per_epoch = -(-n // batch)
     val = build_loader(cfg.data, "val", rank=info.rank, world=info.world, device=info.device)
     torch.manual_seed(cfg.dist.seed)  # identical network initialization on every rank
     model = prepare_model(model_from_config(cfg.model, spec).to(info.device), cfg.model)
-    trainer = build_trainer(model, cfg.optim, cfg.dist, cfg.output, micro_batch=max(1, batch // info.world),
+    trainer = build_trainer(model, optim, cfg.dist, cfg.output, micro_batch=max(1, batch // info.world),
                             steps_per_epoch=steps_per_epoch, run=run, info=info, resume=cfg.resume,
                             stop_after=cfg.stop_after, desc="train-hard")
     engine = trainer.engine
