@@ -249,3 +249,45 @@ def test_every_config_field_documented():
         sections = ("data", "model", "dist", "output")
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in sections and f.name not in field_docs(cls)]
         assert not missing, f"{cls.__name__}: fields without a docstring: {missing}"
+
+
+def test_registry_plans_mtt_and_tesla(tmp_path):
+    """One expert buffer for both methods and every IPC; MTT's student uses the learned lr and hard labels, TESLA's
+    the soft labels; the distillation network is the experts'."""
+    from guard_fast.pipeline import PipelineConfig, plan_pipeline
+
+    cfg = load_config(PipelineConfig, None, ["--methods=mtt,tesla,tesla:labels=hard", "--ipc=1,10",
+                                             "--experts.model.width=32", "--mtt.model.width=7"])
+    chains = plan_pipeline(cfg, tmp_path)
+    assert [label for label, _, _ in chains] == ["MTT", "MTT", "TESLA", "TESLA", "TESLA(hard labels)"] * 1 + [
+        "TESLA(hard labels)"]
+    by = {(label, ipc): {s.kind: s for s in stages} for label, ipc, stages in chains}
+    assert {by[k]["experts"].folder for k in by} == {tmp_path / "experts"}
+    m, t, h = by[("MTT", 10)], by[("TESLA", 1)], by[("TESLA(hard labels)", 10)]
+    assert (m["mtt"].config.method, m["mtt"].config.labels, m["mtt"].config.ipc) == ("mtt", "hard", 10)
+    assert (t["mtt"].config.method, t["mtt"].config.labels, h["mtt"].config.labels) == ("tesla", "expert", "hard")
+    assert m["mtt"].config.model.width == 32 and m["mtt"].config.buffer == str(tmp_path / "experts")
+    assert m["train"].config.lr_from_set and (m["train"].config.labels, t["train"].config.labels) == ("hard", "soft")
+    assert m["evaluate"].config.checkpoints == [str(tmp_path / "mtt/ipc10/train/student.pt")]
+
+
+def test_pipeline_runs_mtt_and_tesla_end_to_end(small, tmp_path):
+    """experts -> mtt/tesla -> train-hard (learned lr; TESLA's soft labels) -> evaluate -> report, on 16 px."""
+    out = tmp_path / "pipe"
+    cmd = [PYTHON, str(REPO / "launchers/pipeline.py"), f"--data.path={small}", "--data.image_size=16",
+           "--data.workers=0", "--data.eval_batch_size=20", f"--output.dir={out}", "--output.progress=false",
+           "--methods=mtt,tesla", "--ipc=2", "--experts.model.width=4", "--experts.num_experts=2",
+           "--experts.epochs=3", "--experts.batch_size=32", "--mtt.iterations=2", "--mtt.syn_steps=2",
+           "--mtt.max_start_epoch=1", "--mtt.lr_img=10", "--train_hard.model.width=4", "--train_hard.optim.epochs=2",
+           "--train_hard.val_batches=1", "--evaluate.num_images=20", "--evaluate.attack.eps=1/255",
+           "--evaluate.attack.pgd_steps=2", "--evaluate.attack.square_queries=5", "--evaluate.attack.aa_steps=2",
+           "--evaluate.attack.aa_square_queries=5", "--evaluate.attack.cw_steps=2", "--evaluate.attack.mim_steps=2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert {row["method"] for row in results["rows"]} >= {"MTT IPC 2", "TESLA IPC 2"}
+    assert [s["stage"] for s in results["stages"]].count("experts") == 1
+    mtt_lr = json.loads((out / "mtt/ipc2/distill/manifest.json").read_text())["syn_lr"]
+    cfg = json.loads((out / "mtt/ipc2/train/config.json").read_text())
+    assert cfg["lr_from_set"] and mtt_lr != 0.01
+    assert "MTT" in (out / "report.md").read_text() and "TESLA" in (out / "report.md").read_text()
