@@ -240,8 +240,8 @@ def run_mtt(cfg: MTTConfig, info: DistInfo) -> dict[str, Any]:
     save_state(cfg.iterations)
     result: dict[str, Any] = {}
     if info.is_main:
-        result = _write_set(run, cfg, model, net, experts, u.detach(), labels, float(syn_lr.detach()), real.classes, picked,
-                            key, manifest, losses)
+        result = _write_set(run, cfg, model, net, experts, u.detach(), labels, float(syn_lr.detach()), real.classes,
+                            picked, key, manifest, losses)
     D.barrier()
     return D.broadcast_object(result)
 
