@@ -114,7 +114,7 @@ def direct_dependency_grads(net, images, labels, lr, start, target, steps, augme
 @pytest.mark.parametrize("n,aug", [(2, "none"), (5, "none"), (10, "none"), (5, "dsa")])
 def test_tesla_gradient_is_mtts_without_cross_step_terms(n, aug):
     """For N > 1 TESLA drops dg_i/dtheta_i * dtheta_i/dX_j (j < i) and dtheta_i/dlr: equal to that definition to
-    1e-10, and measurably different from MTT's exact unrolled gradient (documented in docs/mtt-tesla.md)."""
+    1e-10, and measurably different from MTT's exact unrolled gradient (numbers in guard_fast/distill/matching.py)."""
     net, start, target, images, labels = tiny_case()
     steps = plan_steps(len(labels), 3, n, torch.Generator().manual_seed(1), 0)
     lr = torch.tensor(0.01, dtype=torch.float64)
