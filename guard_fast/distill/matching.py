@@ -16,9 +16,11 @@ earlier batches X_j (j < i) and on alpha are dropped, so it equals MTT's gradien
 N > 1. Measured in float64 (depth-2 width-4 ConvNet, 8 px, 6 images, batches of 3; tests/test_mtt.py), relative
 L2 difference of the image gradient TESLA vs MTT: alpha 0.01: 7.9e-3 / 2.2e-2 / 4.8e-2 / 0.11 for N = 2 / 5 / 10 /
 20 (cosine >= 0.993); alpha 0.1: 8.7e-2 / 0.25 / 0.55 / 0.65 (cosine 0.996 / 0.970 / 0.851 / 0.761). The gap grows
-with alpha and N, as the dropped terms are alpha * Hessian products. N = 1: equal to 4e-16. Unlike the reference code, which keeps every theta_i and every
-augmented batch (memory growing by one parameter vector and one batch per step), both passes here recompute theta_i
-from theta_0 and the augmented batch from its seed, so nothing grows with N.
+with alpha and N, as the dropped terms are alpha * Hessian products. N = 1: equal to 4e-16.
+
+Unlike the reference code, which keeps every theta_i and every augmented batch (memory growing by one parameter
+vector and one batch per step), both passes here recompute theta_i from theta_0 and the augmented batch from its
+seed, so nothing grows with N.
 """
 
 from __future__ import annotations
