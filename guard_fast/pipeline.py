@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from guard_fast.distill.experts import ExpertsConfig
+from guard_fast.distill.mtt import MTTConfig
 from guard_fast.distill.recover import RecoverConfig
 from guard_fast.distill.relabel import RelabelConfig
 from guard_fast.methods import Stage, resolve, stage_config
@@ -28,6 +30,7 @@ from guard_fast.runtime.io import atomic_json, atomic_text
 from guard_fast.runtime.rundir import RunDir
 from guard_fast.runtime.stagecache import StageRecord, StageRunner
 from guard_fast.squeeze.stage import SqueezeConfig
+from guard_fast.student.hard import HardTrainConfig
 from guard_fast.student.kd import TrainConfig
 
 UNKEYED = ("output", "stop_after", "resume")  # fields that do not change a stage's result
@@ -43,7 +46,8 @@ class PipelineConfig:
     """output.dir holds one folder per method plus report.md; log/progress settings apply to every stage"""
     methods: list[str] = field(default_factory=lambda: ["sre2l:teacher=guard", "sre2l:teacher=none"])
     """distillation methods to compare, `name` or `name:key=value:...`: sre2l (teacher = any squeeze objective;
-    teacher=guard is GUARD, none SRe2L, pgd-at SRe2L+Adv), cda (teacher, curriculum, milestone); label=NAME renames"""
+    teacher=guard is GUARD, none SRe2L, pgd-at SRe2L+Adv), cda (teacher, curriculum, milestone), mtt, tesla (labels =
+    expert or hard); label=NAME renames"""
     ipc: list[int] = field(default_factory=lambda: [10])
     """images per class of the distilled sets (one chain of stages each)"""
     force: list[str] = field(default_factory=list)
@@ -56,6 +60,12 @@ class PipelineConfig:
     """soft labels (views and epochs follow train.views and train.optim.epochs)"""
     train: TrainConfig = field(default_factory=TrainConfig)
     """the student (train.model); soft_labels = 'online' skips the relabel stage"""
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    """MTT/TESLA's expert buffer (shared by both methods and every IPC)"""
+    mtt: MTTConfig = field(default_factory=MTTConfig)
+    """MTT/TESLA's trajectory matching (method, labels, ipc, buffer and the network are set per method)"""
+    train_hard: HardTrainConfig = field(default_factory=HardTrainConfig)
+    """the ConvNet trained on an MTT/TESLA set (images, lr_from_set and labels are set per method)"""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     """attacks and the evaluation subset (evaluate.model follows each method's student)"""
 

@@ -14,7 +14,11 @@ STAGES = {
     "guard_fast.squeeze.stage": "guard_fast.squeeze",
     "guard_fast.distill.recover": "guard_fast.distill.recover",
     "guard_fast.distill.relabel": "guard_fast.distill.relabel",
-    "guard_fast.student.kd": "guard_fast.student",
+    "guard_fast.distill.experts": "guard_fast.distill.experts",
+    "guard_fast.distill.mtt": "guard_fast.distill.mtt",
+    "guard_fast.distill.dc": "guard_fast.distill.dc",
+    "guard_fast.student.kd": "guard_fast.student.kd",
+    "guard_fast.student.hard": "guard_fast.student.hard",
     "guard_fast.robustness.evaluate": "guard_fast.robustness.evaluate",
 }
 

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from guard_fast.data.folder import scan_folder
+from guard_fast.runtime.config import DataConfig
 from guard_fast.runtime.errors import GuardFastError
 from guard_fast.runtime.io import atomic_json, atomic_write
 
@@ -56,6 +58,32 @@ def write_synthetic(root: Path, pixels: torch.Tensor, items: list[dict[str, Any]
                 "content_hash": content_hash(pixels, labels)}
     atomic_json(root / MANIFEST, manifest)
     return manifest
+
+
+def class_names(cfg: DataConfig, num_classes: int) -> list[str]:
+    """The real train folder's class names when available (so folders line up with the real data), else 0000..."""
+    train = Path(cfg.path) / "train"
+    if train.is_dir():
+        names, _ = scan_folder(train)
+        if len(names) == num_classes:
+            return names
+    return [f"{c:04d}" for c in range(num_classes)]
+
+
+def save_grid(path: Path, pixels: torch.Tensor, labels: torch.Tensor, max_classes: int, max_cols: int = 10) -> None:
+    """grid.png: one row per class (the first `max_classes`), up to `max_cols` images each."""
+    import torchvision.utils as vutils
+
+    rows = []
+    classes = sorted(set(labels.tolist()))[:max_classes]
+    max_cols = min(max_cols, max(int((labels == c).sum()) for c in classes))
+    for c in classes:
+        imgs = pixels[labels == c][:max_cols]
+        pad = torch.zeros((max_cols - len(imgs), *imgs.shape[1:]), dtype=imgs.dtype)
+        rows.append(torch.cat([imgs, pad]))
+    grid = vutils.make_grid(torch.cat(rows).float() / 255, nrow=max_cols, padding=2, pad_value=1.0)
+    img = Image.fromarray(to_uint8(grid).permute(1, 2, 0).numpy())
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 @dataclass

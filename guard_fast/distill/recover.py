@@ -20,15 +20,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from guard_fast.data.augment import resized_crop, sample_rrc
-from guard_fast.data.folder import scan_folder
 from guard_fast.data.presets import resolve_dataset
-from guard_fast.data.synthetic import to_uint8, write_synthetic
+from guard_fast.data.synthetic import class_names, save_grid, to_uint8, write_synthetic
 from guard_fast.models import Classifier, ModelConfig, model_from_config, prepare_model
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
 from guard_fast.runtime.distributed import DistInfo
 from guard_fast.runtime.errors import ConfigError, GuardFastError
-from guard_fast.runtime.io import atomic_json, atomic_torch_save, atomic_write, file_sha256, saved_with_key
+from guard_fast.runtime.io import atomic_json, atomic_torch_save, file_sha256, saved_with_key
 from guard_fast.runtime.rundir import RunDir
 
 CURRICULA = ("off", "step", "linear", "cosine")
@@ -183,33 +182,6 @@ def images_key(cfg: RecoverConfig, spec_dict: dict[str, Any]) -> str:
     c["teacher_sha256"] = file_sha256(ckpt) if ckpt.is_file() else None
     c["spec"] = spec_dict
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def class_names(cfg: DataConfig, num_classes: int) -> list[str]:
-    """The real train folder's class names when available (so folders line up with the real data), else 0000..."""
-    train = Path(cfg.path) / "train"
-    if train.is_dir():
-        names, _ = scan_folder(train)
-        if len(names) == num_classes:
-            return names
-    return [f"{c:04d}" for c in range(num_classes)]
-
-
-def save_grid(path: Path, pixels: torch.Tensor, labels: torch.Tensor, max_classes: int, max_cols: int = 10) -> None:
-    """grid.png: one row per class (the first `max_classes`), up to `max_cols` images each."""
-    import torchvision.utils as vutils
-    from PIL import Image
-
-    rows = []
-    classes = sorted(set(labels.tolist()))[:max_classes]
-    max_cols = min(max_cols, max(int((labels == c).sum()) for c in classes))
-    for c in classes:
-        imgs = pixels[labels == c][:max_cols]
-        pad = torch.zeros((max_cols - len(imgs), *imgs.shape[1:]), dtype=imgs.dtype)
-        rows.append(torch.cat([imgs, pad]))
-    grid = vutils.make_grid(torch.cat(rows).float() / 255, nrow=max_cols, padding=2, pad_value=1.0)
-    img = Image.fromarray(to_uint8(grid).permute(1, 2, 0).numpy())
-    atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def run_recover(cfg: RecoverConfig, info: DistInfo) -> dict[str, Any]:

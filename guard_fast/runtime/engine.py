@@ -2,8 +2,9 @@
 
 API (used by squeeze and the student trainer):
 - `OptimConfig`: the `optim` config section.
-- `build_optimizer(model, cfg)`: SGD (momentum) or AdamW; weight decay only on weights of rank >= 2.
-- `build_scheduler(optimizer, cfg, steps_per_epoch)`: per-optimizer-step cosine with optional linear warmup.
+- `build_optimizer(model, cfg)`: SGD (momentum) or AdamW; weight decay on weights of rank >= 2 (or on all).
+- `build_scheduler(optimizer, cfg, steps_per_epoch)`: per-optimizer-step cosine with optional linear warmup, or DC's
+  step schedule.
 - `build_engine(model, optimizer, scheduler, dist_cfg, optim_cfg, micro_batch)`: a DeepSpeed engine (ZeRO 0/1/2,
   fp32 or bf16, gradient accumulation and clipping); joins or creates the process group first.
 """
@@ -22,6 +23,8 @@ import torch.distributed as dist
 from guard_fast.runtime.config import DistConfig
 from guard_fast.runtime.errors import ConfigError
 
+SCHEDULES = ("cosine", "step")
+
 
 @dataclass
 class OptimConfig:
@@ -32,7 +35,7 @@ class OptimConfig:
     momentum: float = 0.9
     """SGD momentum"""
     weight_decay: float = 1e-4
-    """decoupled (adamw) or L2 (sgd) weight decay, applied to weights of rank >= 2 only (not BatchNorm, not biases)"""
+    """decoupled (adamw) or L2 (sgd) weight decay, on the parameters weight_decay_on names"""
     epochs: int = 50
     """passes over the training set"""
     warmup_epochs: float = 0.0
@@ -41,24 +44,34 @@ class OptimConfig:
     """micro-batches per optimizer step (the effective batch is batch_size * ranks * grad_accum)"""
     grad_clip: float = 0.0
     """clip the global gradient L2 norm to this value (0 = off)"""
+    schedule: str = "cosine"
+    """cosine (warmup, then cosine to 0) or step (DC's evaluate_synset: lr x 0.1 after epoch epochs//2 + 1)"""
+    weight_decay_on: str = "weights"
+    """weights (rank >= 2 tensors only) or all (every parameter, as torch's SGD(net.parameters()) in DC's code)"""
 
     def validate(self) -> None:
         if self.name not in ("sgd", "adamw"):
             raise ConfigError(f"optim.name = {self.name!r}: valid values are 'sgd', 'adamw'")
         if self.lr <= 0 or self.epochs < 1 or self.grad_accum < 1 or self.grad_clip < 0 or self.warmup_epochs < 0:
             raise ConfigError("optim: lr > 0, epochs >= 1, grad_accum >= 1, grad_clip >= 0, warmup_epochs >= 0")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule = {self.schedule!r}: valid values are {', '.join(SCHEDULES)}")
+        if self.weight_decay_on not in ("weights", "all"):
+            raise ConfigError(f"optim.weight_decay_on = {self.weight_decay_on!r}: valid values are 'weights', 'all'")
         if self.warmup_epochs >= self.epochs:
             raise ConfigError(f"optim.warmup_epochs = {self.warmup_epochs} must be < optim.epochs = {self.epochs}")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+def param_groups(model: torch.nn.Module, weight_decay: float, on: str = "weights") -> list[dict[str, Any]]:
+    min_ndim = 2 if on == "weights" else 0
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= min_ndim]
+    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < min_ndim]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]  # DeepSpeed drops empty groups; the scheduler must see the same list
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_on)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=cfg.lr)
@@ -72,9 +85,17 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def step_factor(step: int, epochs: int, steps_per_epoch: int) -> float:
+    """DC's evaluate_synset: lr for epochs 0..epochs//2 + 1, then 0.1 lr (the reference decays after epoch
+    Epoch//2 + 1 of its Epoch + 1 epochs and rebuilds the optimizer, resetting momentum; we keep momentum)."""
+    return 1.0 if step // max(1, steps_per_epoch) <= epochs // 2 + 1 else 0.1
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """`steps_per_epoch` counts optimizer steps (micro-batches / grad_accum)."""
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: step_factor(s, cfg.epochs, steps_per_epoch))
     total = cfg.epochs * steps_per_epoch
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))

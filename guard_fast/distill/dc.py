@@ -1,0 +1,334 @@
+"""DC (Zhao, Mopuri & Bilen, ICLR 2021): dataset condensation by gradient matching; GUARD(DC) (paper Algorithm 1).
+
+Per outer iteration a fresh network (seeded by (seed, iteration)); per outer-loop step, for every class c:
+gradients w.r.t. the network parameters of the real loss on a real batch of class c (batch_real images) and of CE on
+the synthetic images of class c; matching distance (`match_distance`, DC's 'ours') summed over classes; one SGD step
+on the synthetic images; then (except after the last step) inner_loop epochs of SGD on the synthetic set.
+
+GUARD(DC) (`guard = true`): the real loss is CE + lam * R with R the curvature term of paper Eq. 11 on the real
+batch (`guard_real_loss`), following the authors' main_CURE.py (yumozi/dataset_condensation): z = h sign(g) /
+||sign(g)||_2 per image (g the input gradient of the batch-mean eval CE, in [0,1] pixel space), R = mean_i
+||grad_x ce(x+z)_i - grad_x ce(x)_i||_2 of batch-mean CE (each gradient carries 1/B, as in SPEC's guard-curvature),
+evaluated in eval mode. Values: main_CURE.py was committed with h = 3, lamda = 500 (2c46bd6) and changed in
+"Change default values for CURE" (7a38c42) to h = 0.6, lamda = 100, still the newest version; the paper and the
+repository state no run script. Our defaults are the newest committed values, h = 0.6 and lam = 100.
+
+Where we differ from the reference and why:
+- images are optimized in normalized space (as the reference) but clamped after every step to the normalized image
+  of [0,1]: our synthetic-set format is [0,1] PNGs, so what is saved is what was optimized (up to 8-bit rounding);
+- every random choice (network init, real batches, inner-loop shuffles) comes from seeds derived from (seed,
+  iteration, step, class): rank-count independent and resumable (the reference uses the global RNG);
+- the network is put back in train mode after R (the reference leaves it in eval mode until the next inner epoch;
+  no difference for the instance-norm ConvNet, which has no running statistics);
+- networks with BatchNorm are refused (the reference freezes BN statistics on a real batch first; not implemented);
+- z's helper is local: guard_fast.squeeze is a stage package, and no stage imports another.
+
+Distribution: classes are dealt to ranks (c % world == rank; independent given the network); each rank's image
+gradient is non-zero only on its own classes' rows, so the all-reduced sum is exact and every rank takes the same
+image step; the inner-loop training runs identically on every rank. Rank 0 checkpoints (images + momentum) every
+ckpt_every iterations; a rerun resumes from there and reproduces the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from guard_fast.data import build_loader
+from guard_fast.data.presets import resolve_dataset
+from guard_fast.data.synthetic import class_names, save_grid, to_uint8, write_synthetic
+from guard_fast.models import Classifier, ModelConfig, model_from_config
+from guard_fast.runtime import distributed as D
+from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
+from guard_fast.runtime.distributed import DistInfo
+from guard_fast.runtime.errors import ConfigError, GuardFastError
+from guard_fast.runtime.io import atomic_json, atomic_torch_save
+from guard_fast.runtime.rundir import RunDir
+
+LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}  # DC's get_loops
+INITS = ("real", "noise")
+
+
+@dataclass
+class DCConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    """the real dataset (its train split is matched; loaded once into memory, resized, no augmentation)"""
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="convnet", width=128))
+    """the network sampled fresh every outer iteration (DC: ConvNet width 128)"""
+    dist: DistConfig = field(default_factory=DistConfig)
+    output: OutputConfig = field(default_factory=lambda: OutputConfig(dir="runs/dc"))
+    ipc: int = 10
+    """synthetic images per class"""
+    init: str = "real"
+    """real (random real images of the class) or noise (standard normal in normalized space, DC's default)"""
+    iterations: int = 1000
+    """outer iterations, each with a fresh network (paper: 1000)"""
+    outer_loop: int = 0
+    """image steps per outer iteration (0 = DC's table by IPC: 1 -> 1, 10 -> 10, 50 -> 50)"""
+    inner_loop: int = 0
+    """network epochs on the synthetic set between image steps (0 = DC's table: 1 -> 1, 10 -> 50, 50 -> 10)"""
+    lr_img: float = 0.1
+    """SGD learning rate of the synthetic images (normalized space)"""
+    momentum_img: float = 0.5
+    """SGD momentum of the synthetic images"""
+    lr_net: float = 0.01
+    """SGD learning rate of the network in the inner loop (no momentum)"""
+    batch_real: int = 256
+    """real images per class per matching step (all of the class if it has fewer)"""
+    batch_train: int = 256
+    """synthetic images per inner-loop network step"""
+    guard: bool = False
+    """GUARD(DC): add lam * R (paper Eq. 11) to the real-batch loss whose gradient is matched"""
+    lam: float = 100.0
+    """GUARD weight on R, R from batch-mean losses (main_CURE.py's lamda: 100 newest, 500 first version)"""
+    h: float = 0.6
+    """GUARD finite-difference step: L2 length of z in [0,1] pixel units (main_CURE.py: 0.6 newest, 3 first)"""
+    ckpt_every: int = 10
+    """outer iterations between checkpoints of the images (rank 0; a rerun resumes from the newest)"""
+    float64: bool = False
+    """run in float64 (tests: exact 1 vs 2 rank parity)"""
+    grid_classes: int = 10
+    """classes (rows) shown in grid.png"""
+    stop_after: int = 0
+    """stop after this many outer iterations of this run as if killed (0 = run to the end; for tests)"""
+
+    def loops(self) -> tuple[int, int]:
+        if self.outer_loop and self.inner_loop:
+            return self.outer_loop, self.inner_loop
+        if self.ipc not in LOOPS:
+            raise ConfigError(f"ipc = {self.ipc}: DC's loop table covers {sorted(LOOPS)}; set outer_loop and "
+                              "inner_loop")
+        outer, inner = LOOPS[self.ipc]
+        return self.outer_loop or outer, self.inner_loop or inner
+
+    def validate(self) -> None:
+        if min(self.ipc, self.iterations, self.batch_real, self.batch_train) < 1:
+            raise ConfigError("ipc, iterations, batch_real and batch_train must be >= 1")
+        if self.init not in INITS:
+            raise ConfigError(f"init = {self.init!r}: valid values are {', '.join(INITS)}")
+        if min(self.outer_loop, self.inner_loop, self.ckpt_every, self.stop_after) < 0:
+            raise ConfigError("outer_loop, inner_loop, ckpt_every and stop_after must be >= 0")
+        if self.lr_img <= 0 or self.lr_net <= 0 or self.h <= 0 or self.lam < 0:
+            raise ConfigError("lr_img, lr_net and h must be > 0, lam >= 0")
+        self.loops()
+
+
+def match_distance(gw_syn: list[torch.Tensor], gw_real: list[torch.Tensor]) -> torch.Tensor:
+    """DC's 'ours': sum over layers of sum over output nodes o of 1 - <a_o, b_o> / (||a_o|| ||b_o|| + 1e-6), rows o
+    of each gradient reshaped to (out, -1); 1-D tensors (biases, norm scales) contribute 0, as in the reference."""
+    total = gw_syn[0].new_zeros(())
+    for a, b in zip(gw_syn, gw_real, strict=True):
+        if a.dim() < 2:
+            continue
+        a, b = a.flatten(1), b.flatten(1)
+        total = total + (1 - (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + 1e-6)).sum()
+    return total
+
+
+def sign_direction(g: torch.Tensor, h: float) -> torch.Tensor:
+    """z_i = h (sign(g_i) + 1e-7) / (||sign(g_i)||_2 + 1e-7) per image (main_CURE.py)."""
+    s = torch.sign(g)
+    norm = s.flatten(1).norm(dim=1).view(-1, *([1] * (g.dim() - 1)))
+    return h * (s + 1e-7) / (norm + 1e-7)
+
+
+def guard_real_loss(model: Classifier, x: torch.Tensor, y: torch.Tensor, lam: float, h: float,
+                    guard: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE(x) + lam * R, R) with R = mean_i ||grad_x ce(x+z)_i - grad_x ce(x)_i||_2 in eval mode (ce batch mean,
+    x in [0,1] pixels); (CE, 0) without guard. The model is left in train mode."""
+    model.train()
+    ce = F.cross_entropy(model(x), y)
+    if not guard:
+        return ce, ce.new_zeros(())
+    model.eval()
+    xg = x.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(model(xg), y), xg)  # no parameter gradients
+    z = sign_direction(g, h)
+    xr = x.detach().requires_grad_(True)
+    diff = F.cross_entropy(model(xr + z), y) - F.cross_entropy(model(xr), y)
+    (gd,) = torch.autograd.grad(diff, xr, create_graph=True)  # (B, C, H, W): grad ce(x+z) - grad ce(x)
+    reg = gd.flatten(1).norm(dim=1).mean()
+    model.train()
+    return ce + lam * reg, reg
+
+
+def images_key(cfg: DCConfig, spec: dict[str, Any]) -> str:
+    """Hash of everything that determines the images (not output, progress, checkpoint cadence or world size)."""
+    c = asdict(cfg)
+    for k in ("output", "stop_after", "grid_classes", "ckpt_every"):
+        c.pop(k)
+    c["dist"], c["spec"] = {"seed": cfg.dist.seed}, spec
+    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_real(cfg: DCConfig, num_classes: int, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The whole train split, resized without augmentation, as one (N_c, 3, S, S) tensor per class; every rank
+    loads all of it (a rank needs any class's images for init)."""
+    loader = build_loader(cfg.data, "train", train=False, drop_last=False, rank=0, world=1, device="cpu")
+    xs, ys = zip(*((x, y) for x, y in loader), strict=True)
+    x, y = torch.cat(xs), torch.cat(ys)
+    per_class = [x[y == c].to(device, dtype) for c in range(num_classes)]
+    names = loader.classes
+    for c, imgs in enumerate(per_class):
+        if len(imgs) == 0:
+            raise GuardFastError(f"{cfg.data.path}: class {names[c]!r} has no images in the train split")
+        if cfg.init == "real" and len(imgs) < cfg.ipc:
+            raise GuardFastError(f"ipc = {cfg.ipc} exceeds the {len(imgs)} train images of class {names[c]!r} "
+                                 "(init = real needs ipc distinct images per class)")
+    return per_class
+
+
+def seeded(*parts: int) -> torch.Generator:
+    seed = 0
+    for p in parts:
+        seed = seed * 1_000_003 + p
+    return torch.Generator().manual_seed(seed % (2**63))
+
+
+def init_images(cfg: DCConfig, real: list[torch.Tensor], model: Classifier, size: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """(C * ipc, 3, S, S) in normalized space, class-major."""
+    num_classes, device = len(real), real[0].device
+    if cfg.init == "noise":
+        return torch.randn((num_classes * cfg.ipc, 3, size, size), generator=seeded(cfg.dist.seed, 1),
+                           dtype=dtype).to(device)
+    picks = [real[c][torch.randperm(len(real[c]), generator=seeded(cfg.dist.seed, 2, c))[:cfg.ipc]]
+             for c in range(num_classes)]
+    return model.normalize(torch.cat(picks)).to(dtype)
+
+
+def fresh_network(cfg: DCConfig, spec, it: int, device: torch.device, dtype: torch.dtype) -> Classifier:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.dist.seed * 1_000_003 + it)
+        net = model_from_config(cfg.model, spec)
+    return net.to(device, dtype).train()
+
+
+def outer_iteration(cfg: DCConfig, info: DistInfo, net: Classifier, u: torch.Tensor, opt: torch.optim.Optimizer,
+                    real: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor, it: int) -> torch.Tensor:
+    """One outer iteration on a fresh network; returns the (rank-summed) mean matching loss per class and step."""
+    outer, inner = cfg.loops()
+    num_classes, ipc = len(real), cfg.ipc
+    params = list(net.parameters())
+    labels = torch.arange(num_classes, device=u.device).repeat_interleave(ipc)
+    total = u.new_zeros(())
+    for ol in range(outer):
+        loss = u.new_zeros(())
+        for c in range(info.rank, num_classes, info.world):  # this rank's classes
+            pick = torch.randperm(len(real[c]), generator=seeded(cfg.dist.seed, 3, it, ol, c))[:cfg.batch_real]
+            x_real = real[c][pick]  # (batch_real, 3, S, S) in [0,1]
+            y_real = torch.full((len(x_real),), c, device=u.device)
+            loss_real, _ = guard_real_loss(net, x_real, y_real, cfg.lam, cfg.h, guard=cfg.guard)
+            gw_real = [g.detach() for g in torch.autograd.grad(loss_real, params)]
+            u_c = u[c * ipc:(c + 1) * ipc]  # (ipc, 3, S, S) normalized
+            loss_syn = F.cross_entropy(net.body(u_c), labels[c * ipc:(c + 1) * ipc])
+            gw_syn = torch.autograd.grad(loss_syn, params, create_graph=True)
+            loss = loss + match_distance(list(gw_syn), gw_real)
+        opt.zero_grad(set_to_none=False)
+        if loss.requires_grad:  # a rank with no class (world > classes) contributes zeros
+            loss.backward()
+        D.all_reduce_sum(u.grad)  # disjoint rows per rank: the sum is exact
+        opt.step()
+        with torch.no_grad():
+            u.copy_(torch.maximum(torch.minimum(u, hi), lo))
+        total = total + loss.detach()
+        if ol == outer - 1:
+            break
+        train_network(cfg, net, u.detach(), labels, it, ol, inner)
+    return D.all_reduce_sum(total) / (num_classes * outer)
+
+
+def train_network(cfg: DCConfig, net: Classifier, u: torch.Tensor, labels: torch.Tensor, it: int, ol: int,
+                  inner: int) -> None:
+    """inner epochs of plain SGD (lr_net) on the synthetic set, seeded shuffles; identical on every rank."""
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
+    net.train()
+    for il in range(inner):
+        order = torch.randperm(len(u), generator=seeded(cfg.dist.seed, 4, it, ol, il)).to(u.device)
+        for ids in order.split(cfg.batch_train):
+            loss = F.cross_entropy(net.body(u[ids]), labels[ids])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
+def run_dc(cfg: DCConfig, info: DistInfo) -> dict[str, Any]:
+    """Condense the train split into cfg.ipc images per class: output.dir/{images/, manifest.json, grid.png,
+    images.pt (the float images), state.pt (resume), result.json}."""
+    run = RunDir(cfg.output.dir, cfg, is_main=info.is_main, device=info.device)
+    spec = resolve_dataset(cfg.data)
+    dtype = torch.float64 if cfg.float64 else torch.float32
+    key = images_key(cfg, asdict(spec))
+    probe = model_from_config(cfg.model, spec)
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in probe.modules()):
+        raise ConfigError(f"model.arch = {cfg.model.arch!r} has BatchNorm; DC here supports networks without "
+                          "running statistics (convnet, convnet-d4, convnet-d5)")
+    real = load_real(cfg, spec.num_classes, info.device, dtype)
+    probe = probe.to(info.device, dtype)
+    u = init_images(cfg, real, probe, spec.image_size, dtype).requires_grad_(True)
+    u.grad = torch.zeros_like(u)
+    lo, hi = probe.normalize(torch.zeros(1, 3, 1, 1, dtype=dtype)), probe.normalize(torch.ones(1, 3, 1, 1, dtype=dtype))
+    opt = torch.optim.SGD([u], lr=cfg.lr_img, momentum=cfg.momentum_img)
+    state_path, start = run.path / "state.pt", 0
+    if state_path.is_file():
+        state = torch.load(state_path, map_location=info.device, weights_only=True)
+        if state["key"] != key:
+            raise GuardFastError(f"{state_path} belongs to another configuration; delete it or use another "
+                                 "output.dir")
+        with torch.no_grad():
+            u.copy_(state["images"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["iteration"]
+    bar = tqdm(total=cfg.iterations, initial=start, desc="dc" + (" guard" if cfg.guard else ""),
+               disable=not (info.is_main and cfg.output.progress))
+    for it in range(start, cfg.iterations):
+        if cfg.stop_after and it - start >= cfg.stop_after:
+            bar.close()
+            return {"stopped_at_iteration": it}
+        net = fresh_network(cfg, spec, it, info.device, dtype)
+        loss = outer_iteration(cfg, info, net, u, opt, real, lo, hi, it)
+        bar.update(1)
+        if (it + 1) % cfg.output.log_every == 0 or it + 1 == cfg.iterations:
+            value = float(loss)  # host sync: log interval
+            run.log({"iteration": it + 1, "match_loss": value})
+            bar.set_postfix(match=f"{value:.3g}")
+        if cfg.ckpt_every and (it + 1) % cfg.ckpt_every == 0 and it + 1 < cfg.iterations:
+            save_state(info, state_path, key, u, opt, it + 1)
+    bar.close()
+    result: dict[str, Any] = {}
+    if info.is_main:
+        result = write_result(cfg, run.path, u, probe, spec.num_classes, spec.image_size, key)
+    D.barrier()
+    return D.broadcast_object(result)
+
+
+def save_state(info: DistInfo, path: Path, key: str, u: torch.Tensor, opt, iteration: int) -> None:
+    if info.is_main:
+        atomic_torch_save(path, {"key": key, "iteration": iteration, "images": u.detach().cpu(),
+                                 "optimizer": opt.state_dict()})
+    D.barrier()
+
+
+def write_result(cfg: DCConfig, root: Path, u: torch.Tensor, model: Classifier, num_classes: int, size: int,
+                 key: str) -> dict[str, Any]:
+    """Synthetic-set format (images/, manifest.json) + grid.png + images.pt + result.json (rank 0)."""
+    x = model.denormalize(u.detach()).clamp(0, 1).cpu()
+    labels = torch.arange(num_classes).repeat_interleave(cfg.ipc)
+    atomic_torch_save(root / "images.pt", {"key": key, "images": u.detach().cpu(), "labels": labels})
+    items = [{"label": c, "ipc_index": k} for c in range(num_classes) for k in range(cfg.ipc)]
+    pixels = to_uint8(x)
+    meta = {"images_key": key, "ipc": cfg.ipc, "image_size": size, "dataset": cfg.data.dataset,
+            "method": "GUARD(DC)" if cfg.guard else "DC", "iterations": cfg.iterations, "init": cfg.init}
+    manifest = write_synthetic(root, pixels, items, class_names(cfg.data, num_classes), meta)
+    save_grid(root / "grid.png", pixels, labels, cfg.grid_classes)
+    result = {"images": len(items), "ipc": cfg.ipc, "classes": num_classes, "guard": cfg.guard,
+              "content_hash": manifest["content_hash"]}
+    atomic_json(root / "result.json", result)
+    return result

@@ -1,0 +1,158 @@
+"""Experts: the buffer of training trajectories that MTT and TESLA match (MTT's buffer.py).
+
+Each expert is a fresh network (seeded by (seed, expert)) trained on the real train split with plain SGD (lr 0.01, no
+momentum, no weight decay, batch 256, reshuffled every epoch by a seeded generator; the last partial batch is kept),
+its flat parameters saved after every epoch. Experts are independent: expert e runs on rank e % world, so the buffer
+does not depend on the number of ranks, and a restarted run skips the experts already saved. ZCA whitening (an MTT
+option) is not offered: our sets are [0,1] pixel images attacked in pixel space, and a whitening step would have to
+become part of every student.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from guard_fast.data.presets import resolve_dataset
+from guard_fast.data.real import load_real
+from guard_fast.distill.buffer import BUFFER, expert_path
+from guard_fast.distill.matching import AUGMENTS, FlatNet, build_augment
+from guard_fast.models import ModelConfig, model_from_config
+from guard_fast.runtime import distributed as D
+from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
+from guard_fast.runtime.distributed import DistInfo
+from guard_fast.runtime.errors import ConfigError
+from guard_fast.runtime.io import atomic_json, atomic_torch_save, saved_with_key
+from guard_fast.runtime.rundir import RunDir
+
+
+def _convnet() -> ModelConfig:
+    return ModelConfig(arch="convnet", width=128)
+
+
+@dataclass
+class ExpertsConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=_convnet)
+    """the expert network (MTT/TESLA: ConvNet, width 128, depth 3 at 32 px)"""
+    dist: DistConfig = field(default_factory=DistConfig)
+    output: OutputConfig = field(default_factory=lambda: OutputConfig(dir="runs/experts"))
+    num_experts: int = 5
+    """experts to train (MTT: 100)"""
+    epochs: int = 50
+    """epochs per expert; parameters are saved after each (MTT: 50)"""
+    lr: float = 0.01
+    """SGD learning rate (no momentum, no weight decay, as MTT)"""
+    batch_size: int = 256
+    """images per SGD step (MTT: 256)"""
+    augment: str = "dsa"
+    """augmentation of the real batches: none or dsa (MTT's experts use DSA, one draw per image)"""
+    stop_after: int = 0
+    """stop after this many experts on each rank as if killed (0 = run to the end; for tests)"""
+
+    def validate(self) -> None:
+        if min(self.num_experts, self.epochs, self.batch_size) < 1:
+            raise ConfigError("num_experts, epochs and batch_size must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError(f"lr = {self.lr}: must be > 0")
+        if self.augment not in AUGMENTS:
+            raise ConfigError(f"augment = {self.augment!r}: valid values are {', '.join(AUGMENTS)}")
+
+
+def buffer_key(cfg: ExpertsConfig, spec: dict[str, Any]) -> str:
+    """Hash of everything that determines the trajectories (not the output folder, progress, world size or count:
+    adding experts keeps the old ones)."""
+    c = asdict(cfg)
+    for k in ("output", "stop_after", "num_experts"):
+        c.pop(k)
+    c["dist"], c["spec"] = {"seed": cfg.dist.seed}, spec
+    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def expert_seed(seed: int, e: int) -> int:
+    return seed * 1_000_003 + e
+
+
+def train_expert(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor, cfg: ExpertsConfig, seed: int,
+                 device: torch.device, bar: tqdm | None = None) -> tuple[torch.Tensor, list[float]]:
+    """SGD on normalized real images; returns the (epochs + 1, P) flat trajectory and per-epoch train accuracy."""
+    body = model.body
+    flat = FlatNet(body)
+    augment = build_augment(cfg.augment, model.mean, model.std)
+    opt = torch.optim.SGD(body.parameters(), lr=cfg.lr, momentum=0.0, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    trajectory, accs = [flat.flat().cpu()], []
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(labels), generator=gen)
+        correct = torch.zeros((), device=device)
+        for b, idx in enumerate(torch.split(order, cfg.batch_size)):
+            x = model.normalize(pixels[idx].to(device).float() / 255)  # (B, 3, S, S) normalized
+            x = augment(x, expert_seed(seed, epoch * 100_003 + b))
+            y = labels[idx].to(device)
+            logits = body(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            correct += (logits.argmax(1) == y).sum()
+        accs.append(float(correct) / len(labels))  # host sync: once per epoch
+        trajectory.append(flat.flat().cpu())
+        if bar is not None:
+            bar.update(1)
+    return torch.stack(trajectory), accs
+
+
+@torch.no_grad()
+def accuracy_on(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor, device: torch.device) -> float:
+    correct = 0
+    for idx in torch.split(torch.arange(len(labels)), 512):
+        correct += int((model(pixels[idx].to(device).float() / 255).argmax(1) == labels[idx].to(device)).sum())
+    return correct / max(1, len(labels))
+
+
+def run_experts(cfg: ExpertsConfig, info: DistInfo) -> dict[str, Any]:
+    """Train cfg.num_experts experts into output.dir (experts/expert_<e>.pt, buffer.json, result.json)."""
+    run = RunDir(cfg.output.dir, cfg, is_main=info.is_main, device=info.device)
+    spec = resolve_dataset(cfg.data)
+    key = buffer_key(cfg, asdict(spec))
+    real = load_real(cfg.data, "train", progress=info.is_main and cfg.output.progress)
+    val = load_real(cfg.data, "val")
+    mine = list(range(info.rank, cfg.num_experts, info.world))
+    todo = [e for e in mine if not saved_with_key(expert_path(run.path, e), key)]
+    bar = tqdm(total=len(mine) * cfg.epochs, initial=(len(mine) - len(todo)) * cfg.epochs, desc="experts",
+               disable=not (info.is_main and cfg.output.progress))
+    for n, e in enumerate(todo):
+        if cfg.stop_after and n >= cfg.stop_after:
+            bar.close()
+            return {"stopped_after_experts": n}
+        seed = expert_seed(cfg.dist.seed, e)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the expert's initialization
+            model = model_from_config(cfg.model, spec, checkpoint="").to(info.device)
+        trajectory, accs = train_expert(model, real.pixels, real.labels, cfg, seed, info.device, bar)
+        val_acc = accuracy_on(model, val.pixels, val.labels, info.device)
+        atomic_torch_save(expert_path(run.path, e), {"key": key, "expert": e, "seed": seed, "trajectory": trajectory,
+                                                     "train_acc": accs, "val_acc": val_acc})
+        run.log({"expert": e, "rank": info.rank, "train_acc": accs[-1], "val_acc": val_acc})
+    bar.close()
+    D.barrier()  # every rank's experts are on disk
+    result: dict[str, Any] = {}
+    if info.is_main:
+        blobs = [torch.load(expert_path(run.path, e), map_location="cpu", weights_only=True, mmap=True)
+                 for e in range(cfg.num_experts)]
+        num_params = int(blobs[0]["trajectory"].shape[1])
+        manifest = {"key": key, "dataset": cfg.data.dataset, "num_classes": spec.num_classes,
+                    "image_size": spec.image_size, "arch": cfg.model.arch, "width": cfg.model.width,
+                    "num_params": num_params, "epochs": cfg.epochs, "num_experts": cfg.num_experts, "lr": cfg.lr,
+                    "batch_size": cfg.batch_size, "augment": cfg.augment, "seed": cfg.dist.seed}
+        result = {"num_experts": cfg.num_experts, "epochs": cfg.epochs, "num_params": num_params,
+                  "val_acc": [b["val_acc"] for b in blobs], "final_train_acc": [b["train_acc"][-1] for b in blobs]}
+        atomic_json(run.path / "result.json", result)
+        atomic_json(run.path / BUFFER, manifest)  # last: its presence means the buffer is complete
+    return D.broadcast_object(result)

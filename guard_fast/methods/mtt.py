@@ -1,0 +1,50 @@
+"""MTT and TESLA (the paper's Table 2 comparison rows): experts -> trajectory matching -> a fresh ConvNet trained on
+the synthetic set (their papers' evaluation: SGD with DSA, MTT's learned lr; TESLA's soft labels) -> evaluate.
+
+The expert buffer's folder (root/experts) is shared by both methods and every IPC; `tesla:labels=hard` runs TESLA
+without its soft labels."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from guard_fast.distill.experts import run_experts
+from guard_fast.distill.mtt import run_mtt
+from guard_fast.methods.base import Method, Stage, stage_config
+from guard_fast.student.hard import run_train_hard
+
+if TYPE_CHECKING:
+    from guard_fast.pipeline import PipelineConfig
+
+
+def plan_matching(cfg: PipelineConfig, method: str, labels: str, ipc: int, chain: Path) -> list[Stage]:
+    root = chain.parent.parent
+    ex = stage_config(cfg, "experts", root / "experts")
+    experts = Stage("experts", root / "experts", ex, run_experts, {"buffer": "buffer.json"})
+    mt = stage_config(cfg, "mtt", chain / "distill")
+    mt.method, mt.labels, mt.ipc, mt.buffer = method, labels, ipc, str(experts.folder)
+    mt.model = copy.deepcopy(ex.model)  # the student of the matching must be the experts' network
+    distill = Stage("mtt", chain / "distill", mt, run_mtt, {"manifest": "manifest.json", "grid": "grid.png"},
+                    [experts.folder])
+    tr = stage_config(cfg, "train_hard", chain / "train")
+    tr.images, tr.lr_from_set, tr.labels = str(distill.folder), True, "soft" if labels == "expert" else "hard"
+    train = Stage("train", chain / "train", tr, run_train_hard, {"student": "student.pt"}, [distill.folder])
+    return [experts, distill, train]
+
+
+def _mtt(cfg: PipelineConfig, opts: dict[str, str], ipc: int, chain: Path) -> list[Stage]:
+    return plan_matching(cfg, "mtt", "hard", ipc, chain)
+
+
+def _tesla(cfg: PipelineConfig, opts: dict[str, str], ipc: int, chain: Path) -> list[Stage]:
+    return plan_matching(cfg, "tesla", opts.get("labels", "expert"), ipc, chain)
+
+
+KINDS = ("experts", "mtt", "train")
+MTT = Method("mtt", "MTT: match expert trajectories by unrolled SGD on the synthetic set; student with the learned lr",
+             {}, KINDS, lambda o: "MTT", _mtt)
+TESLA = Method("tesla", "TESLA: MTT's objective with constant memory in syn_steps, soft labels from an expert "
+               "(labels=hard: without them)", {"labels": ("expert", "hard")}, KINDS,
+               lambda o: "TESLA" if o.get("labels", "expert") == "expert" else "TESLA(hard labels)", _tesla)
