@@ -52,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     header = ["objective.bn_stats", "clean %", "PGD-10 1/255 %", "PGD-10 4/255 %"]
     notes = "\n".join([
         "GUARD teachers (guard, beta 1e-4, strategy reuse) on the digits (1438 train / 359 val, 32 px), "
-        f"resnet18-cifar width {args.width}, {args.epochs} epochs SGD, identical seed and budget; the squeeze's final "
-        "validation: PGD-10 with step eps/4 and a random start on the whole val split. `updated` = the authors' semantics (the "
-        "regularizer's eval forwards see this step's BatchNorm statistics), `snapshot` = statistics from before the "
-        "step.", "", "Commands:", "", *[f"    {c}" for c in commands]])
+        f"resnet18-cifar width {args.width}, {args.epochs} epochs SGD, identical seed and budget; the squeeze's "
+        "final validation: PGD-10 with step eps/4 and a random start on the whole val split. `updated` = the "
+        "authors' semantics (the regularizer's eval forwards see this step's BatchNorm statistics), `snapshot` = "
+        "statistics from before the step.", "", "Commands:", "", *[f"    {c}" for c in commands]])
     paths = write_results("bn-stats-digits", vars(args) | {"out": "results"}, results, header, rows,
                           out_dir=args.out, notes=notes)
     print("wrote", *paths)
