@@ -71,6 +71,11 @@ class BenchSection:
     """discarded steps per method before timing (compilation happens in the first); the last is the memory step"""
     reps: int = 3
     """timed steps per method; each repetition runs every method once (interleaved)"""
+    threads: int = 0
+    """CPU torch threads during the measurement (0 = what init_distributed set: the cores per rank)"""
+    cpu_timer: str = "wall"
+    """CPU only: wall (time.perf_counter) or process (time.process_time, CPU seconds of this process: on a shared
+    machine it leaves out the time spent waiting for a core; use one torch thread, or spinning threads count too)"""
     lr: float = 0.01
     """SGD learning rate of the benchmarked step (momentum 0.9): irrelevant to speed, kept small so weights stay sane"""
     name: str = ""
@@ -99,6 +104,10 @@ class BenchSection:
         if "compiled" in self.variants and self.warmup < 2:
             raise ConfigError("bench.warmup must be >= 2 with the compiled variant, so that the memory step is "
                               "not the compiling one")
+        if self.threads < 0:
+            raise ConfigError("bench.threads must be >= 0 (0 = the cores per rank)")
+        if self.cpu_timer not in ("wall", "process"):
+            raise ConfigError(f"bench.cpu_timer = {self.cpu_timer!r}: valid values are wall, process")
         if self.image_size < 8 or self.batch_size < 1 or self.num_classes < 2:
             raise ConfigError("bench.image_size >= 8, bench.batch_size >= 1 and bench.num_classes >= 2 required")
 
@@ -197,8 +206,9 @@ class StepRunner:
             self.optimizer.zero_grad(set_to_none=True)
 
 
-def time_step(fn: Callable[[], None], device: torch.device) -> float:
-    """Seconds of one call: CUDA events on CUDA (synchronizes once to read them), perf_counter on CPU."""
+def time_step(fn: Callable[[], None], device: torch.device, cpu_timer: str = "wall") -> float:
+    """Seconds of one call: CUDA events on CUDA (synchronizes once to read them), on CPU perf_counter (wall) or
+    process_time (CPU seconds of this process)."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -206,9 +216,10 @@ def time_step(fn: Callable[[], None], device: torch.device) -> float:
         end.record()
         end.synchronize()  # host sync: the measurement itself
         return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
+    clock = time.process_time if cpu_timer == "process" else time.perf_counter
+    t0 = clock()
     fn()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def live_bytes(tensors) -> int:
@@ -256,6 +267,8 @@ def run_benchmark(cfg: BenchConfig, device: torch.device, engine_factory: Callab
 
     engine_factory(model, optimizer) -> DeepSpeed engine, given in the multi-rank mode; None = plain torch steps."""
     b = cfg.bench
+    if b.threads and device.type == "cpu":
+        torch.set_num_threads(b.threads)
     torch.manual_seed(cfg.dist.seed)
     model = build_model(cfg.model.arch, b.num_classes, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
                         width=cfg.model.width).to(device)
@@ -298,7 +311,7 @@ def run_benchmark(cfg: BenchConfig, device: torch.device, engine_factory: Callab
                     elif rep < b.warmup:
                         step()
                     else:
-                        samples[label].append(time_step(step, device))
+                        samples[label].append(time_step(step, device, b.cpu_timer))
                 except Exception as e:  # one failing method must not lose the other rows' figures
                     errors[label] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
     return {"rows": rows, "skipped": skipped, "samples": samples, "memory": memory, "errors": errors}

@@ -189,7 +189,8 @@ def write_bench_results(cfg, raw: dict[str, Any], device, per_rank: list[dict[st
     world = len(per_rank) if per_rank else 1
     name = cfg.bench.name or default_name(cfg, device.type, world)
     results = build_results(raw, cfg.bench.batch_size, per_rank,
-                            timer="cuda_events" if device.type == "cuda" else "perf_counter",
+                            timer=("cuda_events" if device.type == "cuda" else
+                                   "process_time" if cfg.bench.cpu_timer == "process" else "perf_counter"),
                             memory_measure=memory_measure(device.type))
     results["conditions"] = conditions or {}
     notes = [f"Interleaved: {cfg.bench.warmup} warm-up + {cfg.bench.reps} timed steps per method, each repetition "

@@ -149,7 +149,18 @@ def test_goals_per_bn_stats_and_best_variant():
     assert goals[("guard-over-plain", "compiled", "updated")]["value"] == 7.0
 
 
+def test_process_timer_counts_cpu_not_sleep():
+    """bench.cpu_timer = process: a sleeping step costs ~0 CPU seconds, a busy one about its wall time."""
+    import time
+
+    from bench.step import time_step
+
+    assert time_step(lambda: time.sleep(0.2), torch.device("cpu"), "process") < 0.05
+    assert time_step(lambda: time.sleep(0.2), torch.device("cpu"), "wall") >= 0.2
+
+
 @pytest.mark.parametrize("override,match", [
+    ("--bench.cpu_timer=\"user\"", "cpu_timer"),
     ("--bench.objectives=[\"none\", \"adv\"]", "bench.objectives"),
     ("--bench.variants=[\"jit\"]", "bench.variants"),
     ("--bench.variants=[\"compiled\"]", "warmup"),

@@ -60,8 +60,8 @@ class ObjectiveConfig:
     authors' CIFAR script: 100 in the reference convention)"""
     lam_convention: str = "reference"
     """guard-curvature: reference = lam * mean_i ||grad_u ce(u+z) - grad_u ce(u)||_2 rows with ce the batch MEAN
-    (each row carries 1/B; the authors' convention, batch-size independent), per-sample = the same with per-sample
-    gradients (lam_per_sample = lam_reference / B)"""
+    (each row carries 1/B, B the global batch = micro-batch x data-parallel ranks; the authors' convention),
+    per-sample = the same with per-sample gradients (lam_per_sample = lam_reference / B)"""
     grad_norm_beta: float = 0.01
     """grad-norm: coefficient of mean_i ||grad_u ce_i(u)||_2^2 (per-sample gradients; no reference value, the
     reference detaches this term so it has no effect)"""
@@ -259,8 +259,16 @@ def curvature_reg(body: Callable, u: torch.Tensor, y: torch.Tensor, cfg: Objecti
     ce_sum = F.cross_entropy(body(both), torch.cat([y, y]), reduction="sum")
     (grads,) = torch.autograd.grad(ce_sum, both, create_graph=True)  # rows: per-sample gradients
     pert, clean = grads.chunk(2)
-    scale = cfg.lam / len(y) if cfg.lam_convention == "reference" else cfg.lam
+    scale = cfg.lam / global_batch(len(y)) if cfg.lam_convention == "reference" else cfg.lam
     return scale * (pert - clean).flatten(1).norm(dim=1).mean()
+
+
+def global_batch(micro_batch: int) -> int:
+    """The batch the authors' mean runs over: their DataParallel averages the loss over the whole batch, and with
+    data-parallel ranks averaging their gradients, dividing by micro-batch x ranks gives exactly their gradient."""
+    import torch.distributed as dist
+
+    return micro_batch * (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
 
 
 def guard_curvature(model: Classifier, x, y, cfg: ObjectiveConfig) -> tuple[torch.Tensor, Stats]:
