@@ -60,13 +60,12 @@ def build_loader(cfg: DataConfig, split: str, *, rank: int = 0, world: int = 1, 
     if cfg.backend == "ffcv":
         from guard_fast.data.ffcv_backend import build_ffcv_loader
 
-        classes = beton_classes(path)
-        if split == "val" and (train_path := split_path(cfg, "train")).exists():
-            check_same_classes(beton_classes(train_path), classes, train_path, path)
         loader = build_ffcv_loader(cfg, spec, path, train=train, rank=rank, world=world, device=device, seed=seed,
                                    batch_size=batch_size, drop_last=drop_last, subset=subset,
-                                   subset_seed=subset_seed, shard_block=shard_block)
-        loader.classes = classes
+                                   subset_seed=subset_seed, shard_block=shard_block)  # checks the file itself first
+        loader.classes = beton_classes(path)
+        if split == "val" and (train_path := split_path(cfg, "train")).exists():
+            check_same_classes(beton_classes(train_path), loader.classes, train_path, path)
         return loader
     ds = FolderDataset(path, spec.image_size, train, cfg.crop_scale_min, spec.crop_ratio, seed, cfg.skip_corrupt)
     if split == "val" and (train_path := split_path(cfg, "train")).is_dir():
