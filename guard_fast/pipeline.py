@@ -20,8 +20,7 @@ from guard_fast.distill.mtt import MTTConfig
 from guard_fast.distill.recover import RecoverConfig
 from guard_fast.distill.relabel import RelabelConfig
 from guard_fast.methods import Stage, resolve, stage_config
-from guard_fast.robustness.curvature import PipelineCurvatureConfig, run_curvature, write_outputs
-from guard_fast.robustness.curvature import comparisons as curvature_comparisons
+from guard_fast.robustness.curvature import PipelineCurvatureConfig, combine, run_curvature, write_outputs
 from guard_fast.robustness.evaluate import EvaluateConfig, run_evaluate
 from guard_fast.robustness.report import bar_chart, evaluation_rows, metrics_table, results_table
 from guard_fast.runtime import distributed as D
@@ -230,10 +229,7 @@ def write_report(cfg: PipelineConfig, root: Path, evaluations: list[tuple[str, i
     lines += ["![robustness](robustness.png)", "", "## Distilled images (one row per class)", ""]
     lines += [f"**{name}**\n\n![{name}]({path})\n" for name, path in grids.items()]
     if curvatures:  # every measured teacher and student in one Fig. 2-style figure
-        parts = [json.loads(rec.path("curvature").read_text()) for rec in curvatures]
-        models = [m for p in parts for m in p["models"]]
-        write_outputs({**parts[0], "models": models, "comparisons": curvature_comparisons(models),
-                       "seconds": sum(p["seconds"] for p in parts)}, root)
+        write_outputs(combine([json.loads(rec.path("curvature").read_text()) for rec in curvatures]), root)
         lines += ["## Input-Hessian curvature at real val images", "", "Per-model medians and quartiles: "
                   "[curvature.md](curvature.md).", "", "![curvature](curvature.png)", ""]
     lines += ["## Stages", "", "| stage | cached | seconds |", "|---|---|---|",

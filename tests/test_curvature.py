@@ -18,6 +18,7 @@ from guard_fast.models import build_model, save_checkpoint
 from guard_fast.robustness.curvature import (
     CurvatureConfig,
     PipelineCurvatureConfig,
+    combine,
     guard_step,
     measure_batch,
     power_iteration,
@@ -25,6 +26,7 @@ from guard_fast.robustness.curvature import (
     run_curvature,
     start_vectors,
     top_eigenpairs,
+    write_outputs,
 )
 from guard_fast.runtime import config as C
 from guard_fast.runtime.config import DataConfig, parse_args
@@ -245,6 +247,12 @@ def test_two_gloo_ranks_equal_one_process_and_report_matches_json(digits_dir, ck
 
     with Image.open(tmp_path / "one" / "curvature.png") as img:
         assert img.format == "PNG" and img.size[0] > 300 and img.size[1] > 300
+    # the pipeline's combined report: one model per stage, here split into two "stages" and recombined
+    halves = [{**one, "models": [m], "comparisons": [], "seconds": 1.0} for m in one["models"]]
+    both = combine(halves)
+    assert both["models"] == one["models"] and both["comparisons"] == one["comparisons"] and both["seconds"] == 2.0
+    write_outputs(both, tmp_path / "combined")
+    assert (tmp_path / "combined" / "curvature.md").read_text() == md.replace(f"{one['seconds']:.1f} s.", "2.0 s.")
 
 
 def in_process(argv: list[str], capsys) -> tuple[int, list[str]]:
@@ -324,3 +332,16 @@ def test_pipeline_plans_curvature_stages_only_when_enabled(tmp_path):
     assert [s.kind for s in only[0][2]][-2:] == ["evaluate", "curvature"]
     with pytest.raises(ConfigError, match="force"):
         load_config(PipelineConfig, None, [*args, "--force=curvature"])
+
+
+def test_teacher_bench_writes_both_models(digits_dir, tmp_path):
+    """bench.curvature_digits end to end at zero epochs: both teachers are the same seeded initialization, so their
+    per-image numbers must agree exactly and neither is 'flatter' on any image."""
+    from bench.curvature_digits import main
+
+    main([f"--data={digits_dir}", f"--out={tmp_path / 'out'}", f"--work={tmp_path / 'work'}", "--epochs=0",
+          "--width=2", "--num_images=3", "--max_iters=5", "--batch_size=3"])
+    res = json.loads((tmp_path / "out" / "curvature.json").read_text())
+    guard, plain = res["models"]
+    assert (guard["label"], plain["label"]) == ("GUARD teacher", "plain teacher") and guard["images"] == 3
+    assert guard["records"] == plain["records"] and res["comparisons"][0]["fraction_a_flatter"] == 0.0

@@ -73,9 +73,9 @@ class CurvatureConfig:
     """names, one per checkpoint (empty = the shortest distinct tails of the checkpoint paths)"""
     groups: list[str] = field(default_factory=list)
     """figure column of each checkpoint, one per checkpoint, e.g. teacher,teacher,student,student (empty = one)"""
-    num_images: int = 48
-    """val images per model: a seeded subset of this many, sharded over ranks (0 = the whole val split); 48 keeps
-    four digits models under 2 minutes on a 2-core CPU (README, Curvature)"""
+    num_images: int = 24
+    """val images per model: a seeded subset of this many, sharded over ranks (0 = the whole val split); measured
+    1.1-1.4 s per image for a width-16 digits ResNet-18 on a contended 2-core CPU, so 4 models take about 2 minutes"""
     subset_seed: int = 0
     """seed of the subset choice (the same images for every world size)"""
     batch_size: int = 16
@@ -489,6 +489,14 @@ def run_curvature(cfg: CurvatureConfig, info: DistInfo) -> dict[str, Any]:
     if info.is_main:
         write_outputs(result, run.path)
     return result
+
+
+def combine(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several curvature.json contents measured on the same images (the pipeline's stages): every
+    model, the comparisons recomputed over all of them, the summed time; settings and dataset from the first."""
+    models = [m for p in parts for m in p["models"]]
+    seconds = sum(p["seconds"] for p in parts)
+    return {**parts[0], "models": models, "comparisons": comparisons(models), "seconds": seconds}
 
 
 def write_outputs(result: dict[str, Any], folder: Path) -> None:
