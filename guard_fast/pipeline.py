@@ -176,7 +176,7 @@ def run_pipeline(cfg: PipelineConfig, info: DistInfo) -> dict[str, Any]:
             if "grid" in stage.outputs:
                 grids[f"{label} IPC {ipc}"] = str(done[stage.folder].path("grid").relative_to(root))
         evaluations.append((label, ipc, done[next(s for s in stages if s.kind == "evaluate").folder]))
-    curvatures = list(dict.fromkeys(done[s.folder] for _, _, st in chains for s in st if s.kind == "curvature"))
+    curvatures = [done[f] for f in dict.fromkeys(s.folder for _, _, st in chains for s in st if s.kind == "curvature")]
     summary = {}
     if info.is_main:
         summary = write_report(cfg, root, evaluations, grids, runner, curvatures)

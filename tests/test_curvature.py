@@ -345,3 +345,55 @@ def test_teacher_bench_writes_both_models(digits_dir, tmp_path):
     guard, plain = res["models"]
     assert (guard["label"], plain["label"]) == ("GUARD teacher", "plain teacher") and guard["images"] == 3
     assert guard["records"] == plain["records"] and res["comparisons"][0]["fraction_a_flatter"] == 0.0
+
+
+def test_pipeline_runs_curvature_stages_and_combines_them(digits_dir, ckpts, tmp_path, monkeypatch):
+    """run_pipeline with curvature enabled, the distillation stages replaced by stubs that write a checkpoint: the
+    real evaluate and curvature stages run, and report.md links the combined curvature.md/png of every model."""
+    import shutil
+
+    from guard_fast import pipeline as P
+    from guard_fast.methods import Stage
+    from guard_fast.runtime.config import load_config
+    from guard_fast.squeeze.stage import SqueezeConfig
+    from guard_fast.student.kd import TrainConfig
+
+    cfg = load_config(P.PipelineConfig, None, [
+        f"--data.path={digits_dir}", "--data.image_size=16", "--data.workers=0", "--data.eval_batch_size=4",
+        f"--output.dir={tmp_path}", "--output.progress=false", "--evaluate.num_images=4",
+        "--evaluate.attack.names=pgd100", "--evaluate.attack.pgd_steps=1", "--curvature.enabled=true",
+        "--curvature.num_images=4", "--curvature.batch_size=4", "--curvature.max_iters=5"])
+
+    def stub(kind: str, folder: Path, src: Path, name: str, config) -> Stage:
+        config.model.width = 4
+
+        def run_stub(c, info):
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, folder / name)
+            return {}
+        return Stage(kind, folder, config, run_stub, {name.split(".")[0]: name})
+
+    def plan(cfg, root):
+        chains = []
+        for label, src in (("GUARD", ckpts["a"]), ("SRe2L", ckpts["b"])):
+            chain = root / label / "ipc10"
+            stages = [stub("squeeze", root / "teachers" / label, src, "teacher.pt", SqueezeConfig()),
+                      stub("train", chain / "train", src, "student.pt", TrainConfig())]
+            stages.append(P.evaluate_stage(cfg, stages[-1], f"{label} IPC 10", chain / "evaluate"))
+            stages += P.curvature_stages(cfg, stages, f"{label} IPC 10", root, chain)
+            chains.append((label, 10, stages))
+        return chains
+
+    monkeypatch.setattr(P, "plan_pipeline", plan)
+    P.run_pipeline(cfg, CPU)
+    res = json.loads((tmp_path / "curvature.json").read_text())
+    assert [(m["label"], m["group"]) for m in res["models"]] == [
+        ("GUARD teacher", "teachers"), ("GUARD IPC 10", "students"), ("SRe2L teacher", "teachers"),
+        ("SRe2L IPC 10", "students")]
+    assert [(c["a"], c["b"]) for c in res["comparisons"]] == [("GUARD teacher", "SRe2L teacher"),
+                                                              ("GUARD IPC 10", "SRe2L IPC 10")]
+    # a teacher and the student copied from the same checkpoint measure the same
+    assert res["models"][0]["records"] == res["models"][1]["records"]
+    report = (tmp_path / "report.md").read_text()
+    assert "![curvature](curvature.png)" in report and (tmp_path / "curvature.png").is_file()
+    assert (tmp_path / "GUARD/ipc10/curvature/curvature.json").is_file()
