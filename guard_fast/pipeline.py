@@ -108,7 +108,8 @@ def curvature_stage(cfg: PipelineConfig, source: Stage, output: str, model: Any,
 
 
 def curvature_stages(cfg: PipelineConfig, stages: list[Stage], label: str, root: Path, chain: Path) -> list[Stage]:
-    """The chain's curvature stages (none unless curvature.enabled): its teacher's, then its student's."""
+    """The chain's curvature stages (none unless curvature.enabled): its squeeze teacher's (if any), then its student's
+    (the input of the evaluate stage that ends `stages`)."""
     if not cfg.curvature.enabled:
         return []
     out = []
@@ -116,8 +117,9 @@ def curvature_stages(cfg: PipelineConfig, stages: list[Stage], label: str, root:
         out += [curvature_stage(cfg, s, "teacher", s.config.model, f"{s.folder.name} teacher", "teachers",
                                 root / "curvature" / f"teacher-{s.folder.name}") for s in stages if s.kind == "squeeze"]
     if "students" in cfg.curvature.models:
-        train = next(s for s in stages if s.kind == "train")
-        out.append(curvature_stage(cfg, train, "student", train.config.model, label, "students", chain / "curvature"))
+        student = next(s for s in stages if s.folder == stages[-1].inputs[0])  # what evaluate (last) attacks
+        out.append(curvature_stage(cfg, student, "student", student.config.model, label, "students",
+                                   chain / "curvature"))
     return out
 
 
