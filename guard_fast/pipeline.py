@@ -20,6 +20,7 @@ from guard_fast.distill.mtt import MTTConfig
 from guard_fast.distill.recover import RecoverConfig
 from guard_fast.distill.relabel import RelabelConfig
 from guard_fast.methods import Stage, resolve, stage_config
+from guard_fast.robustness.curvature import PipelineCurvatureConfig, combine, run_curvature, write_outputs
 from guard_fast.robustness.evaluate import EvaluateConfig, run_evaluate
 from guard_fast.robustness.report import bar_chart, evaluation_rows, metrics_table, results_table
 from guard_fast.runtime import distributed as D
@@ -68,6 +69,8 @@ class PipelineConfig:
     """the ConvNet trained on an MTT/TESLA set (images, lr_from_set and labels are set per method)"""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     """attacks and the evaluation subset (evaluate.model follows each method's student)"""
+    curvature: PipelineCurvatureConfig = field(default_factory=PipelineCurvatureConfig)
+    """optional input-Hessian curvature stages after evaluate (curvature.enabled, curvature.models; off by default)"""
 
     def validate(self) -> None:
         if not self.methods:
@@ -77,7 +80,8 @@ class PipelineConfig:
             raise ConfigError(f"methods = {self.methods}: listed twice")
         if not self.ipc or min(self.ipc) < 1:
             raise ConfigError(f"ipc = {self.ipc}: give one or more values >= 1")
-        kinds = {"evaluate", *(k for m in self.methods for k in resolve(m)[0].kinds)}
+        kinds = {"evaluate", *(["curvature"] if self.curvature.enabled else []),
+                 *(k for m in self.methods for k in resolve(m)[0].kinds)}
         unknown = sorted(set(self.force) - kinds)
         if unknown:
             raise ConfigError(f"force = {unknown}: valid stages are {', '.join(sorted(kinds))}")
@@ -93,6 +97,32 @@ def evaluate_stage(cfg: PipelineConfig, student: Stage, label: str, folder: Path
     return Stage("evaluate", folder, ev, run_evaluate, {"evaluation": "evaluation.json"}, [student.folder])
 
 
+def curvature_stage(cfg: PipelineConfig, source: Stage, output: str, model: Any, label: str, group: str,
+                    folder: Path) -> Stage:
+    """Curvature of the network that `source` wrote (its output `output`), with that network's settings."""
+    cc = stage_config(cfg, "curvature", folder).stage_config()
+    cc.model = copy.deepcopy(model)
+    cc.model.checkpoint, cc.model.compile = "", False
+    cc.checkpoints, cc.labels, cc.groups = [str(source.folder / source.outputs[output])], [label], [group]
+    return Stage("curvature", folder, cc, run_curvature, {"curvature": "curvature.json"}, [source.folder])
+
+
+def curvature_stages(cfg: PipelineConfig, stages: list[Stage], label: str, root: Path, chain: Path) -> list[Stage]:
+    """The chain's curvature stages (none unless curvature.enabled): its squeeze teacher's (if any), then its student's
+    (the input of the evaluate stage that ends `stages`)."""
+    if not cfg.curvature.enabled:
+        return []
+    out = []
+    if "teachers" in cfg.curvature.models:
+        out += [curvature_stage(cfg, s, "teacher", s.config.model, f"{s.folder.name} teacher", "teachers",
+                                root / "curvature" / f"teacher-{s.folder.name}") for s in stages if s.kind == "squeeze"]
+    if "students" in cfg.curvature.models:
+        student = next(s for s in stages if s.folder == stages[-1].inputs[0])  # what evaluate (last) attacks
+        out.append(curvature_stage(cfg, student, "student", student.config.model, label, "students",
+                                   chain / "curvature"))
+    return out
+
+
 def plan_pipeline(cfg: PipelineConfig, root: Path) -> list[tuple[str, int, list[Stage]]]:
     """(display label, ipc, stages ending with evaluate) per method and IPC, in run order."""
     chains = []
@@ -103,6 +133,7 @@ def plan_pipeline(cfg: PipelineConfig, root: Path) -> list[tuple[str, int, list[
             chain = root / spec.slug / f"ipc{ipc}"
             stages = method.plan(cfg, opts, ipc, chain)
             stages.append(evaluate_stage(cfg, stages[-1], f"{label} IPC {ipc}", chain / "evaluate"))
+            stages += curvature_stages(cfg, stages, f"{label} IPC {ipc}", root, chain)
             chains.append((label, ipc, stages))
     return chains
 
@@ -146,10 +177,11 @@ def run_pipeline(cfg: PipelineConfig, info: DistInfo) -> dict[str, Any]:
                                                 kind=stage.kind)
             if "grid" in stage.outputs:
                 grids[f"{label} IPC {ipc}"] = str(done[stage.folder].path("grid").relative_to(root))
-        evaluations.append((label, ipc, done[stages[-1].folder]))
+        evaluations.append((label, ipc, done[next(s for s in stages if s.kind == "evaluate").folder]))
+    curvatures = [done[f] for f in dict.fromkeys(s.folder for _, _, st in chains for s in st if s.kind == "curvature")]
     summary = {}
     if info.is_main:
-        summary = write_report(cfg, root, evaluations, grids, runner)
+        summary = write_report(cfg, root, evaluations, grids, runner, curvatures)
     D.barrier()
     return summary
 
@@ -176,7 +208,7 @@ def settings_lines(cfg: PipelineConfig, evaluation: dict[str, Any]) -> list[str]
 
 
 def write_report(cfg: PipelineConfig, root: Path, evaluations: list[tuple[str, int, StageRecord]],
-                 grids: dict[str, str], runner: StageRunner) -> dict[str, Any]:
+                 grids: dict[str, str], runner: StageRunner, curvatures: list[StageRecord] = ()) -> dict[str, Any]:
     """report.md + results.json + robustness.png comparing every (method, IPC) student."""
     loaded = [json.loads(rec.path("evaluation").read_text()) for _, _, rec in evaluations]
     checkpoints = [ck for e in loaded for ck in e["checkpoints"]]
@@ -198,6 +230,10 @@ def write_report(cfg: PipelineConfig, root: Path, evaluations: list[tuple[str, i
                   "robustness ratios:", "", metrics_table(sub), ""]
     lines += ["![robustness](robustness.png)", "", "## Distilled images (one row per class)", ""]
     lines += [f"**{name}**\n\n![{name}]({path})\n" for name, path in grids.items()]
+    if curvatures:  # every measured teacher and student in one Fig. 2-style figure
+        write_outputs(combine([json.loads(rec.path("curvature").read_text()) for rec in curvatures]), root)
+        lines += ["## Input-Hessian curvature at real val images", "", "Per-model medians and quartiles: "
+                  "[curvature.md](curvature.md).", "", "![curvature](curvature.png)", ""]
     lines += ["## Stages", "", "| stage | cached | seconds |", "|---|---|---|",
               *[f"| {s['stage']} | {'yes' if s['cached'] else 'no'} | {s['seconds']} |" for s in stages], "",
               "Per-student details (attack settings, wall time per attack): "

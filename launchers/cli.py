@@ -20,6 +20,7 @@ COMMANDS = {
     "train": "launchers.train",
     "train-hard": "launchers.train_hard",
     "evaluate": "launchers.evaluate",
+    "curvature": "launchers.curvature",
     "pipeline": "launchers.pipeline",
     "bench": "launchers.bench",
 }

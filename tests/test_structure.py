@@ -20,6 +20,7 @@ STAGES = {
     "guard_fast.student.kd": "guard_fast.student.kd",
     "guard_fast.student.hard": "guard_fast.student.hard",
     "guard_fast.robustness.evaluate": "guard_fast.robustness.evaluate",
+    "guard_fast.robustness.curvature": "guard_fast.robustness.curvature",
 }
 
 

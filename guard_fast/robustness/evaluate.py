@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -21,7 +20,7 @@ from guard_fast.data import build_loader
 from guard_fast.data.loader import split_path
 from guard_fast.data.presets import DatasetSpec
 from guard_fast.models import Classifier, ModelConfig, model_from_config, prepare_model
-from guard_fast.robustness.report import bar_chart, evaluation_rows, markdown_report, row_metrics
+from guard_fast.robustness.report import bar_chart, default_labels, evaluation_rows, markdown_report, row_metrics
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
 from guard_fast.runtime.distributed import DistInfo
@@ -62,17 +61,6 @@ class EvaluateConfig:
             raise ConfigError(f"num_images = {self.num_images}: must be >= 0 (0 = the whole val split)")
         if self.dist.precision != "fp32":
             raise ConfigError(f"dist.precision = {self.dist.precision!r}: attacks run in fp32; set dist.precision=fp32")
-
-
-def default_labels(paths: list[str]) -> list[str]:
-    """Shortest distinct path tails without the suffix: runs/guard/teacher.pt, runs/sre2l/teacher.pt -> guard/teacher,
-    sre2l/teacher."""
-    parts = [Path(p).with_suffix("").parts for p in paths]
-    for k in range(1, max(len(p) for p in parts) + 1):
-        tails = ["/".join(p[-k:]) for p in parts]
-        if len(set(tails)) == len(tails):
-            return tails
-    return [str(p) for p in paths]
 
 
 def batch_seed(seed: int, job: int, batch: int) -> int:

@@ -43,6 +43,17 @@ def fmt_eps(eps: float | None) -> str:
     return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:.4g}"
 
 
+def default_labels(paths: list[str]) -> list[str]:
+    """Shortest distinct path tails without the suffix: runs/guard/teacher.pt, runs/sre2l/teacher.pt -> guard/teacher,
+    sre2l/teacher."""
+    parts = [Path(p).with_suffix("").parts for p in paths]
+    for k in range(1, max(len(p) for p in parts) + 1):
+        tails = ["/".join(p[-k:]) for p in parts]
+        if len(set(tails)) == len(tails):
+            return tails
+    return [str(p) for p in paths]
+
+
 def drop_rate(clean: float, robust: float) -> float | None:
     """(clean - robust) / clean, the fraction of clean accuracy an attack removes; None when clean is 0."""
     return (clean - robust) / clean if clean > 0 else None
