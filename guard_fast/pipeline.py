@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from guard_fast.distill.dc import DCConfig
 from guard_fast.distill.experts import ExpertsConfig
 from guard_fast.distill.mtt import MTTConfig
 from guard_fast.distill.recover import RecoverConfig
@@ -47,8 +48,8 @@ class PipelineConfig:
     """output.dir holds one folder per method plus report.md; log/progress settings apply to every stage"""
     methods: list[str] = field(default_factory=lambda: ["sre2l:teacher=guard", "sre2l:teacher=none"])
     """distillation methods to compare, `name` or `name:key=value:...`: sre2l (teacher = any squeeze objective;
-    teacher=guard is GUARD, none SRe2L, pgd-at SRe2L+Adv), cda (teacher, curriculum, milestone), mtt, tesla (labels =
-    expert or hard); label=NAME renames"""
+    teacher=guard is GUARD, none SRe2L, pgd-at SRe2L+Adv), cda (teacher, curriculum, milestone), dc (guard=true is
+    GUARD(DC)), mtt, tesla (labels = expert or hard); label=NAME renames"""
     ipc: list[int] = field(default_factory=lambda: [10])
     """images per class of the distilled sets (one chain of stages each)"""
     force: list[str] = field(default_factory=list)
@@ -61,12 +62,14 @@ class PipelineConfig:
     """soft labels (views and epochs follow train.views and train.optim.epochs)"""
     train: TrainConfig = field(default_factory=TrainConfig)
     """the student (train.model); soft_labels = 'online' skips the relabel stage"""
+    dc: DCConfig = field(default_factory=DCConfig)
+    """DC / GUARD(DC) gradient matching (dc.ipc is set per IPC, dc.guard by the method option)"""
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     """MTT/TESLA's expert buffer (shared by both methods and every IPC)"""
     mtt: MTTConfig = field(default_factory=MTTConfig)
     """MTT/TESLA's trajectory matching (method, labels, ipc, buffer and the network are set per method)"""
     train_hard: HardTrainConfig = field(default_factory=HardTrainConfig)
-    """the ConvNet trained on an MTT/TESLA set (images, lr_from_set and labels are set per method)"""
+    """the ConvNet trained on a DC / MTT / TESLA set (images, lr_from_set and labels are set per method)"""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     """attacks and the evaluation subset (evaluate.model follows each method's student)"""
     curvature: PipelineCurvatureConfig = field(default_factory=PipelineCurvatureConfig)
@@ -188,12 +191,21 @@ def run_pipeline(cfg: PipelineConfig, info: DistInfo) -> dict[str, Any]:
 
 def settings_lines(cfg: PipelineConfig, evaluation: dict[str, Any]) -> list[str]:
     """What was run, stated in the report (demo settings are smaller than the paper's)."""
-    sq, rc, tr = cfg.squeeze, cfg.recover, cfg.train
+    sq, rc, tr, dc, th = cfg.squeeze, cfg.recover, cfg.train, cfg.dc, cfg.train_hard
     ds = evaluation["dataset"]
-    return [
-        f"- data: {ds['name']}, {ds['num_classes']} classes, {ds['image_size']} px; evaluated on {ds['images']} of "
-        f"{ds['split_images']} val images" + (f" (seeded subset, seed {ds['subset_seed']})"
-                                              if ds["images"] < ds["split_images"] else ""),
+    names = {resolve(m)[0].name for m in cfg.methods}
+    dc_lines = [
+        f"- dc: {dc.model.arch} width {dc.model.width}, {dc.iterations} outer iterations, loops "
+        f"{'table by IPC' if not (dc.outer_loop and dc.inner_loop) else f'{dc.outer_loop}/{dc.inner_loop}'}, init "
+        f"{dc.init}, lr_img {dc.lr_img}, lr_net {dc.lr_net}, batch_real {dc.batch_real}; GUARD(DC) lam {dc.lam}, "
+        f"h {dc.h} ([0,1] pixels, sign direction)",
+        f"- train-hard: {th.model.arch} width {th.model.width}, {th.optim.name} lr {th.optim.lr} ({th.optim.schedule}),"
+        f" wd {th.optim.weight_decay} on {th.optim.weight_decay_on}, {th.optim.epochs} epochs, batch {th.batch_size},"
+        f" augment {th.augment}"] if "dc" in names else []
+    data_line = (f"- data: {ds['name']}, {ds['num_classes']} classes, {ds['image_size']} px; evaluated on "
+                 f"{ds['images']} of {ds['split_images']} val images"
+                 + (f" (seeded subset, seed {ds['subset_seed']})" if ds["images"] < ds["split_images"] else ""))
+    sre2l_lines = [
         f"- squeeze: {sq.model.arch} width {sq.model.width}, {sq.optim.name} lr {sq.optim.lr}, {sq.optim.epochs} "
         f"epochs, batch {cfg.data.batch_size}/rank; GUARD h {sq.objective.h}, beta {sq.objective.beta}, strategy "
         f"{sq.objective.strategy}",
@@ -201,10 +213,10 @@ def settings_lines(cfg: PipelineConfig, evaluation: dict[str, Any]) -> list[str]
         f"{rc.curriculum}",
         f"- relabel/train: student {tr.model.arch} width {tr.model.width}, {tr.optim.name} lr {tr.optim.lr}, "
         f"{tr.optim.epochs} epochs, batch {tr.views.batch_size}, T {tr.temperature}, soft labels {tr.soft_labels}",
-        "- attacks: " + "; ".join(f"{k} " + ", ".join(f"{a} {b}" for a, b in v.items())
-                                  for k, v in evaluation["attacks"].items()),
-        *[f"- {n}" for n in evaluation["notes"]],
-    ]
+    ] if names - {"dc"} else []
+    attacks = "- attacks: " + "; ".join(f"{k} " + ", ".join(f"{a} {b}" for a, b in v.items())
+                                        for k, v in evaluation["attacks"].items())
+    return [data_line, *sre2l_lines, *dc_lines, attacks, *[f"- {n}" for n in evaluation["notes"]]]
 
 
 def write_report(cfg: PipelineConfig, root: Path, evaluations: list[tuple[str, int, StageRecord]],

@@ -157,3 +157,29 @@ def test_bad_inputs_are_one_line_errors(small_digits, tmp_path):
     assert "9 class folders" in one_error(dc_args(empty, tmp_path / "b"))
     assert "loop table" in one_error(dc_args(small_digits, tmp_path / "c", "--ipc=3", "--outer_loop=0"))
     assert "BatchNorm" in one_error(dc_args(small_digits, tmp_path / "d", "--model.arch=resnet18-cifar"))
+
+
+def test_method_registry_plans_dc_then_train_hard(tmp_path):
+    from guard_fast.pipeline import PipelineConfig, plan_pipeline
+
+    cfg = load_config(PipelineConfig, REPO / "configs/dc-digits.toml", ["--methods=dc,dc:guard=true"])
+    chains = plan_pipeline(cfg, tmp_path)
+    assert [(label, ipc) for label, ipc, _ in chains] == [("DC", 1), ("DC", 10), ("GUARD(DC)", 1), ("GUARD(DC)", 10)]
+    for label, ipc, stages in chains:
+        assert [s.kind for s in stages] == ["dc", "train-hard", "evaluate"]
+        dc, hard, ev = stages
+        assert dc.config.ipc == ipc and dc.config.guard == (label == "GUARD(DC)")
+        assert hard.config.images == str(dc.folder) and hard.inputs == [dc.folder]
+        assert ev.config.model.arch == "convnet" and ev.config.checkpoints == [str(hard.folder / "student.pt")]
+    assert len({s.folder for _, _, st in chains for s in st}) == 12  # nothing shared between DC and GUARD(DC)
+
+
+@pytest.mark.parametrize("ipc", [1, 10, 50])
+def test_paper_scale_presets(ipc):
+    from guard_fast.pipeline import PipelineConfig
+
+    cfg = load_config(PipelineConfig, REPO / f"configs/dc-cifar10-ipc{ipc}.toml")
+    assert cfg.ipc == [ipc] and cfg.dc.iterations == 1000 and cfg.dc.model.width == 128
+    dc = load_config(type(cfg.dc), None, [f"--ipc={ipc}"])
+    assert dc.loops() == {1: (1, 1), 10: (10, 50), 50: (50, 10)}[ipc]
+    assert (cfg.train_hard.optim.schedule, cfg.train_hard.optim.epochs) == ("step", 300)

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from guard_fast.attacks.pgd import pgd
 from guard_fast.data import build_loader
 from guard_fast.data.presets import resolve_dataset
 from guard_fast.data.synthetic import class_names, save_grid, to_uint8, write_synthetic
@@ -90,6 +91,14 @@ class DCConfig:
     """GUARD weight on R, R from batch-mean losses (main_CURE.py's lamda: 100 newest, 500 first version)"""
     h: float = 0.6
     """GUARD finite-difference step: L2 length of z in [0,1] pixel units (main_CURE.py: 0.6 newest, 3 first)"""
+    attack: str = "none"
+    """none, or pgd: match gradients on PGD-attacked real batches (the authors' `Attack` baseline; bench/ compares)"""
+    attack_eps: float = 8 / 255
+    """attack = pgd: L-inf radius in [0,1] pixel units (main_CURE.py's CIFAR value, commented there; MNIST 0.3)"""
+    attack_alpha: float = 2 / 255
+    """attack = pgd: step size in [0,1] pixel units"""
+    attack_steps: int = 10
+    """attack = pgd: steps (random start, as torchattacks.PGD)"""
     ckpt_every: int = 10
     """outer iterations between checkpoints of the images (rank 0; a rerun resumes from the newest)"""
     float64: bool = False
@@ -111,6 +120,8 @@ class DCConfig:
     def validate(self) -> None:
         if min(self.ipc, self.iterations, self.batch_real, self.batch_train) < 1:
             raise ConfigError("ipc, iterations, batch_real and batch_train must be >= 1")
+        if self.attack not in ("none", "pgd"):
+            raise ConfigError(f"attack = {self.attack!r}: valid values are 'none', 'pgd'")
         if self.init not in INITS:
             raise ConfigError(f"init = {self.init!r}: valid values are {', '.join(INITS)}")
         if min(self.outer_loop, self.inner_loop, self.ckpt_every, self.stop_after) < 0:
@@ -225,6 +236,9 @@ def outer_iteration(cfg: DCConfig, info: DistInfo, net: Classifier, u: torch.Ten
             pick = torch.randperm(len(real[c]), generator=seeded(cfg.dist.seed, 3, it, ol, c))[:cfg.batch_real]
             x_real = real[c][pick]  # (batch_real, 3, S, S) in [0,1]
             y_real = torch.full((len(x_real),), c, device=u.device)
+            if cfg.attack == "pgd":
+                x_real = pgd(net, x_real, y_real, cfg.attack_eps, cfg.attack_alpha, cfg.attack_steps,
+                             random_start=True, generator=seeded(cfg.dist.seed, 5, it, ol, c))
             loss_real, _ = guard_real_loss(net, x_real, y_real, cfg.lam, cfg.h, guard=cfg.guard)
             gw_real = [g.detach() for g in torch.autograd.grad(loss_real, params)]
             u_c = u[c * ipc:(c + 1) * ipc]  # (ipc, 3, S, S) normalized
