@@ -335,7 +335,7 @@ def test_pipeline_plans_curvature_stages_only_when_enabled(tmp_path):
     # a method without a squeeze teacher (MTT) gets its student's stage only
     mtt = plan_pipeline(load_config(PipelineConfig, None, ["--methods=mtt", "--curvature.enabled=true"]), tmp_path)
     curv = [s for s in mtt[0][2] if s.kind == "curvature"]
-    assert [s.config.checkpoints for s in curv] == [[str(tmp_path / "mtt/ipc10/train/student.pt")]]
+    assert [s.config.checkpoints for s in curv] == [[str(tmp_path / "mtt/ipc10/train-hard/student.pt")]]
 
 
 def test_teacher_bench_writes_both_models(digits_dir, tmp_path):

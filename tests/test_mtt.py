@@ -267,8 +267,9 @@ def test_registry_plans_mtt_and_tesla(tmp_path):
     assert (m["mtt"].config.method, m["mtt"].config.labels, m["mtt"].config.ipc) == ("mtt", "hard", 10)
     assert (t["mtt"].config.method, t["mtt"].config.labels, h["mtt"].config.labels) == ("tesla", "expert", "hard")
     assert m["mtt"].config.model.width == 32 and m["mtt"].config.buffer == str(tmp_path / "experts")
-    assert m["train"].config.lr_from_set and (m["train"].config.labels, t["train"].config.labels) == ("hard", "soft")
-    assert m["evaluate"].config.checkpoints == [str(tmp_path / "mtt/ipc10/train/student.pt")]
+    mh, th = m["train-hard"].config, t["train-hard"].config
+    assert mh.lr_from_set and (mh.labels, th.labels) == ("hard", "soft")
+    assert m["evaluate"].config.checkpoints == [str(tmp_path / "mtt/ipc10/train-hard/student.pt")]
 
 
 def test_pipeline_runs_mtt_and_tesla_end_to_end(small, tmp_path):
@@ -288,6 +289,6 @@ def test_pipeline_runs_mtt_and_tesla_end_to_end(small, tmp_path):
     assert {row["label"] for row in results["rows"]} == {"MTT IPC 2", "TESLA IPC 2"}
     assert [s["stage"] for s in results["stages"]].count("experts") == 1
     mtt_lr = json.loads((out / "mtt/ipc2/distill/manifest.json").read_text())["syn_lr"]
-    cfg = json.loads((out / "mtt/ipc2/train/config.json").read_text())
+    cfg = json.loads((out / "mtt/ipc2/train-hard/config.json").read_text())
     assert cfg["lr_from_set"] and mtt_lr != 0.01
     assert "MTT" in (out / "report.md").read_text() and "TESLA" in (out / "report.md").read_text()

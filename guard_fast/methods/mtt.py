@@ -28,9 +28,9 @@ def plan_matching(cfg: PipelineConfig, method: str, labels: str, ipc: int, chain
     mt.model = copy.deepcopy(ex.model)  # the student of the matching must be the experts' network
     distill = Stage("mtt", chain / "distill", mt, run_mtt, {"manifest": "manifest.json", "grid": "grid.png"},
                     [experts.folder])
-    tr = stage_config(cfg, "train_hard", chain / "train")
+    tr = stage_config(cfg, "train_hard", chain / "train-hard")
     tr.images, tr.lr_from_set, tr.labels = str(distill.folder), True, "soft" if labels == "expert" else "hard"
-    train = Stage("train", chain / "train", tr, run_train_hard, {"student": "student.pt"}, [distill.folder])
+    train = Stage("train-hard", chain / "train-hard", tr, run_train_hard, {"student": "student.pt"}, [distill.folder])
     return [experts, distill, train]
 
 
@@ -42,7 +42,7 @@ def _tesla(cfg: PipelineConfig, opts: dict[str, str], ipc: int, chain: Path) -> 
     return plan_matching(cfg, "tesla", opts.get("labels", "expert"), ipc, chain)
 
 
-KINDS = ("experts", "mtt", "train")
+KINDS = ("experts", "mtt", "train-hard")
 MTT = Method("mtt", "MTT: match expert trajectories by unrolled SGD on the synthetic set; student with the learned lr",
              {}, KINDS, lambda o: "MTT", _mtt)
 TESLA = Method("tesla", "TESLA: MTT's objective with constant memory in syn_steps, soft labels from an expert "
