@@ -38,6 +38,14 @@ def main(argv: list[str] | None = None) -> int:
         slug = name.lower().replace(" ", "-").replace("(", "").replace(")", "").replace("+", "-")
         shutil.copy(run / grid, docs / f"grid-{slug}.png")
         lines += [f"{name}: ![{name}](docs/demo/grid-{slug}.png)", ""]
+    if (run / "curvature.png").exists():  # the pipeline's curvature stages (configs/demo.toml enables them)
+        shutil.copy(run / "curvature.png", docs / "curvature.png")
+        md = (run / "curvature.md").read_text().split("\n## ")
+        eig = next(s for s in md if s.startswith("largest input-Hessian eigenvalue"))
+        lines += ["Largest input-Hessian eigenvalue at real val images (" + md[0].splitlines()[-1].strip() + "), "
+                  "loss / pixel^2; the other curvature measures are in `runs/demo/curvature.md`:", "",
+                  *[ln for ln in eig.splitlines() if ln.startswith("|")], "",
+                  "![curvature](docs/demo/curvature.png)", ""]
     total = sum(s["seconds"] for s in results["stages"])
     parts = ", ".join(f"{s['stage']} {s['seconds']:.0f} s" for s in results["stages"])
     lines.append(f"Stage time in this run: {total:.0f} s ({parts}).")
