@@ -290,6 +290,7 @@ def run_dc(cfg: DCConfig, info: DistInfo) -> dict[str, Any]:
     u.grad = torch.zeros_like(u)
     lo, hi = probe.normalize(torch.zeros(1, 3, 1, 1, dtype=dtype)), probe.normalize(torch.ones(1, 3, 1, 1, dtype=dtype))
     opt = torch.optim.SGD([u], lr=cfg.lr_img, momentum=cfg.momentum_img)
+    run.start()  # inputs checked: write the run's record
     state_path, start = run.path / "state.pt", 0
     if state_path.is_file():
         state = torch.load(state_path, map_location=info.device, weights_only=True)

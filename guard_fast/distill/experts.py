@@ -123,6 +123,7 @@ def run_experts(cfg: ExpertsConfig, info: DistInfo) -> dict[str, Any]:
     key = buffer_key(cfg, asdict(spec))
     real = load_real(cfg.data, "train", progress=info.is_main and cfg.output.progress)
     val = load_real(cfg.data, "val")
+    run.start()  # inputs checked: write the run's record
     mine = list(range(info.rank, cfg.num_experts, info.world))
     todo = [e for e in mine if not saved_with_key(expert_path(run.path, e), key)]
     bar = tqdm(total=len(mine) * cfg.epochs, initial=(len(mine) - len(todo)) * cfg.epochs, desc="experts",

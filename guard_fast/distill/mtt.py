@@ -174,6 +174,7 @@ def run_mtt(cfg: MTTConfig, info: DistInfo) -> dict[str, Any]:
     real = load_real(cfg.data, "train")
     pixels0, labels, picked = init_images(real, cfg.ipc, cfg.dist.seed)
     key = synth_key(cfg, asdict(spec), manifest["key"])
+    run.start()  # inputs checked: write the run's record
     state_path = run.path / "state.pt"
     lo = ((0 - model.mean) / model.std).to(info.device)  # (1, 3, 1, 1) valid normalized range per channel
     hi = ((1 - model.mean) / model.std).to(info.device)

@@ -461,6 +461,7 @@ def run_curvature(cfg: CurvatureConfig, info: DistInfo) -> dict[str, Any]:
         except GuardFastError as e:
             raise GuardFastError(f"{e} (expected model.arch = {cfg.model.arch}, model.width = {cfg.model.width}, "
                                  f"{spec.num_classes} classes)") from None
+    run.start()  # inputs checked: write the run's record
     t0 = time.time()
     results = []
     torch.set_flush_denormal(cfg.flush_denormal and info.device.type == "cpu")  # process-wide, restored below

@@ -120,7 +120,8 @@ def set_labels(cfg: HardTrainConfig, images: SyntheticSet) -> torch.Tensor:
 def run_train_hard(cfg: HardTrainConfig, info: DistInfo) -> dict[str, Any]:
     """Train on the distilled set's hard labels; writes output.dir/{student.pt, result.json, metrics.jsonl,
     checkpoints/}."""
-    run = RunDir(cfg.output.dir, cfg, is_main=info.is_main, device=info.device)
+    run = RunDir(cfg.output.dir, cfg, is_main=info.is_main, device=info.device, resume=cfg.resume,
+                 overwrite=cfg.output.overwrite, products=("student.pt",))
     spec = resolve_dataset(cfg.data)
     images = load_synthetic(cfg.images, spec.num_classes)
     if images.image_size != spec.image_size:
