@@ -18,6 +18,7 @@ COMMANDS = {
     "evaluate": "launchers.evaluate",
     "pipeline": "launchers.pipeline",
     "bench": "launchers.bench",
+    "study": "launchers.study",
 }
 
 

@@ -286,6 +286,13 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     return cfg
 
 
+def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
+    """Apply `--section.key=value` overrides to an existing config in place and validate it (CLI > what it held)."""
+    _apply(cfg, overrides_to_dict(type(cfg), overrides))
+    validate(cfg)
+    return cfg
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
