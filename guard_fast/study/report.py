@@ -165,6 +165,15 @@ def bar_chart(table_cells: list[tuple[str, dict[str, Any]]], path: Path, title: 
     return atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
+def planned_columns(cfg: StudyConfig) -> list[str]:
+    """Report columns of the configured attacks, in the paper's order (clean first)."""
+    return [k for k in COLUMNS if k == "clean" or k in cfg.pipeline.evaluate.attack.names]
+
+
+def planned_eps(cfg: StudyConfig) -> list[str]:
+    return [fmt_eps(e) for e in cfg.pipeline.evaluate.attack.eps]
+
+
 def image_size(cfg: StudyConfig) -> int:
     from guard_fast.data.presets import DATASETS
 
@@ -217,8 +226,7 @@ def write_study_report(cfg: StudyConfig, plan: Plan, cells: dict[str, dict[int, 
                     missing.append(f"{tname}: {label} IPC {ipc} ({n} of {len(cfg.seeds)} seeds)")
                 tables[tname]["rows"][f"{label} IPC {ipc}"] = {"cell": cid, "stats": st}
                 table_cells.append((label, st))
-            eps_list = _eps_order([c for _, c in table_cells])
-            cols = [k for k in COLUMNS if any(k in c.get(e, {}) for _, c in table_cells for e in c)]
+            eps_list, cols = planned_eps(cfg), planned_columns(cfg)
             for eps in eps_list:
                 body += [f"### IPC {ipc}, eps = {eps}", "", "Accuracy (%), mean ± std over seeds:", "",
                          _md(["Row", "seeds", *[COLUMNS[k] for k in cols]],
@@ -372,12 +380,12 @@ def write_readme_block(cfg: StudyConfig, results: dict[str, Any]) -> None:
              + f"accuracy (%) at L-inf eps = {want}, mean ± std over seeds {cfg.seeds}, whole val split.", ""]
     if main:
         rows = []
-        cols = [k for k in COLUMNS if any(k in r["stats"].get(want, {}) for r in main["rows"].values())]
+        cols = planned_columns(cfg)
         for label, r in main["rows"].items():
             e = r["stats"].get(want, {})
             rows.append([label, *[_ms(e.get(k)) for k in cols]])
         lines += [f"{main['title']}:", "", _md(["Row", *[COLUMNS[k] for k in cols]], rows), ""]
-    lines += [f"- {CLAIMS[k][0]}: the digits data **{WORD[v]}** it" + (" (not measured)" if not any(
+    lines += [f"- {CLAIMS[k][0]}: the digits data **{WORD[v]}** it" + (" (not measured yet)" if not any(
         c["claim"] == k for c in results["comparisons"]) else "") for k, v in results["verdicts"].items()]
     if results["missing"]:
         lines.append(f"- missing cells: {len(results['missing'])} (listed in the report)")

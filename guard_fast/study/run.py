@@ -5,10 +5,11 @@ Layout under `runs_dir`:
 - `selection/<knob>/<candidate>/`: one pipeline run per hyperparameter candidate, trained and scored on that split;
 - `seed<s>/<settings>/`: one pipeline folder per seed and row settings (`base` for rows without overrides), shared by
   every table's rows with those settings, so GUARD's teacher is trained once per seed for Tables 1/2 and 5;
-- `cost/`: the Table 4 benchmark; `cells.json`: what every finished pipeline call produced (read by --report_only).
+- `cost/`: the Table 4 benchmark; `cells.json`: the selection's outcome (read by --report_only).
+The report reads every finished evaluate stage of the plan from these folders, so it can be rewritten at any time.
 
 Every pipeline call goes through `run_pipeline` and its `StageRunner`, so a rerun skips finished stages and a killed
-run resumes inside the interrupted stage. Only rank 0 writes the ledger and the report.
+run resumes inside the interrupted stage. Only rank 0 writes the selection ledger and the report.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ import numpy as np
 from guard_fast.data.digits import prepare_digits, stratified_split
 from guard_fast.methods import resolve
 from guard_fast.pipeline import PipelineConfig, key_dict, run_pipeline
+from guard_fast.robustness.report import evaluation_rows
 from guard_fast.runtime import distributed as D
-from guard_fast.runtime.config import apply_overrides
+from guard_fast.runtime.config import apply_overrides, from_dict
 from guard_fast.runtime.distributed import DistInfo
 from guard_fast.runtime.errors import ConfigError
 from guard_fast.runtime.io import atomic_json
-from guard_fast.runtime.stagecache import StageRunner
+from guard_fast.runtime.stagecache import STAGE_FILE, StageRunner
 from guard_fast.study.config import KNOBS, StudyConfig, candidates, parse_row
 
 LEDGER = "cells.json"
@@ -83,7 +85,7 @@ def pipeline_config(cfg: StudyConfig, overrides: tuple[str, ...] | list[str], ou
 
 
 def fingerprint(pc: PipelineConfig) -> str:
-    """What a pipeline call's numbers depend on besides methods/ipc/folder (a ledger entry counts only if it
+    """What a pipeline call's numbers depend on besides methods/ipc/folder (a folder's results count only if it
     matches the current config)."""
     d = key_dict(pc)
     for k in ("methods", "ipc", "force"):
@@ -149,7 +151,7 @@ def read_ledger(cfg: StudyConfig) -> dict[str, Any]:
     try:
         return json.loads((Path(cfg.runs_dir) / LEDGER).read_text())
     except (OSError, json.JSONDecodeError):
-        return {"selection": {}, "calls": {}}
+        return {"selection": {}}
 
 
 def run_selection(cfg: StudyConfig, info: DistInfo, data: Path, ledger: dict[str, Any]) -> dict[str, Any]:
@@ -180,38 +182,44 @@ def run_selection(cfg: StudyConfig, info: DistInfo, data: Path, ledger: dict[str
     return D.broadcast_object(ledger["selection"])
 
 
-def run_cells(cfg: StudyConfig, info: DistInfo, plan: Plan, ledger: dict[str, Any],
-              after_call: Callable[[], None]) -> None:
-    """Every call of the plan for every seed (call-major, so finished cells have all their seeds); the ledger keeps
-    each seed's rows keyed by the call's fingerprint."""
+def run_cells(cfg: StudyConfig, info: DistInfo, plan: Plan, after_call: Callable[[], None]) -> None:
+    """Every call of the plan for every seed (call-major, so finished cells have all their seeds); after each call,
+    `after_call` rewrites the report from what is on disk."""
     for call in plan.calls:
         for seed in cfg.seeds:
             out = Path(cfg.runs_dir) / f"seed{seed}" / call.slug
-            pc = pipeline_config(cfg, call.settings, out, seed, call.methods, call.ipc)
-            summary = run_pipeline(pc, info)
-            if info.is_main:
-                entry = ledger["calls"].setdefault(call.slug, {})
-                entry[str(seed)] = {"fingerprint": fingerprint(pc), "methods": call.methods, "ipc": call.ipc,
-                                    "folder": str(out.relative_to(cfg.runs_dir)), "rows": summary["rows"]}
-                atomic_json(Path(cfg.runs_dir) / LEDGER, ledger)
+            run_pipeline(pipeline_config(cfg, call.settings, out, seed, call.methods, call.ipc), info)
         if info.is_main:
             after_call()
         D.barrier()
 
 
-def cell_results(cfg: StudyConfig, plan: Plan, ledger: dict[str, Any]) -> dict[str, dict[int, list[dict]]]:
-    """cell id -> seed -> that seed's table rows (one per eps), from ledger entries whose fingerprint matches the
-    current config (stale entries, from another config, do not count)."""
+def cell_results(cfg: StudyConfig, plan: Plan) -> dict[str, dict[int, list[dict]]]:
+    """cell id -> seed -> that seed's table rows (one per eps), read from the finished evaluate stages on disk
+    (`<root>/<method slug>/ipc<k>/evaluate`, complete once its stage.json exists). A pipeline folder counts only if
+    the config it last ran with (`config.json`) has the current fingerprint, so stale results of another config do
+    not. Reading the stages rather than a shared file keeps this right when several study processes run different
+    seeds at once."""
     out: dict[str, dict[int, list[dict]]] = {}
     for call in plan.calls:
         for seed in cfg.seeds:
-            entry = ledger["calls"].get(call.slug, {}).get(str(seed))
-            pc = pipeline_config(cfg, call.settings, Path(cfg.runs_dir) / f"seed{seed}" / call.slug, seed,
-                                 call.methods, call.ipc)
-            if entry is None or entry["fingerprint"] != fingerprint(pc):
+            root = Path(cfg.runs_dir) / f"seed{seed}" / call.slug
+            pc = pipeline_config(cfg, call.settings, root, seed, call.methods, call.ipc)
+            try:
+                have = from_dict(PipelineConfig, json.loads((root / "config.json").read_text()))
+            except (OSError, json.JSONDecodeError, ConfigError):
                 continue
-            for r in entry["rows"]:
-                out.setdefault(f"{call.slug}/{r['label']}", {}).setdefault(seed, []).append(r)
+            if fingerprint(have) != fingerprint(pc):
+                continue
+            for method in call.methods:
+                _, spec, _ = resolve(method)
+                for ipc in call.ipc:
+                    folder = root / spec.slug / f"ipc{ipc}" / "evaluate"
+                    if not (folder / STAGE_FILE).is_file():
+                        continue
+                    ev = json.loads((folder / "evaluation.json").read_text())
+                    for r in evaluation_rows(ev["checkpoints"], ev["eps"]):
+                        out.setdefault(f"{call.slug}/{r['label']}", {}).setdefault(seed, []).append(r)
     return out
 
 
@@ -237,7 +245,7 @@ def run_cost(cfg: StudyConfig, info: DistInfo, cost_fn: Callable[[Any, Path], di
 def run_study(cfg: StudyConfig, info: DistInfo, cost_fn: Callable[[Any, Path], dict[str, Any]] | None = None
               ) -> dict[str, Any]:
     """Selection, every cell for every seed, Table 4, then report.md/results.json/charts (and the README block).
-    With report_only, nothing runs: the report covers what the ledger holds and lists what is missing."""
+    With report_only, nothing runs: the report covers the finished stages and lists what is missing."""
     from guard_fast.study.report import write_study_report
 
     ledger = read_ledger(cfg)
@@ -253,11 +261,11 @@ def run_study(cfg: StudyConfig, info: DistInfo, cost_fn: Callable[[Any, Path], d
     def report(cost: dict[str, Any] | None = None) -> dict[str, Any]:
         if cost is None and cost_path.is_file() and (Path(cfg.runs_dir) / "cost" / "stage.json").is_file():
             cost = json.loads(cost_path.read_text())
-        return write_study_report(cfg, plan, cell_results(cfg, plan, ledger), selected, cost)
+        return write_study_report(cfg, plan, cell_results(cfg, plan), selected, cost)
 
     if cfg.report_only:
         return report() if info.is_main else {}
-    run_cells(cfg, info, plan, ledger, report)
+    run_cells(cfg, info, plan, report)
     cost = run_cost(cfg, info, cost_fn)
     summary = report(cost) if info.is_main else {}
     D.barrier()
