@@ -23,6 +23,7 @@ COMMANDS = {
     "curvature": "launchers.curvature",
     "pipeline": "launchers.pipeline",
     "bench": "launchers.bench",
+    "study": "launchers.study",
 }
 
 

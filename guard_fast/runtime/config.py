@@ -297,6 +297,21 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     return cfg
 
 
+def from_dict(cls: type[C], values: dict[str, Any]) -> C:
+    """A config from a nested dict such as a run folder's config.json (unknown keys are an error), validated."""
+    cfg = cls()
+    _apply(cfg, values)
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
+    """Apply `--section.key=value` overrides to an existing config in place and validate it (CLI > what it held)."""
+    _apply(cfg, overrides_to_dict(type(cfg), overrides))
+    validate(cfg)
+    return cfg
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 

@@ -1,0 +1,199 @@
+"""The study's configuration: base pipeline settings, seeds, the paper's tables as row lists, hyperparameter selection.
+
+A table row is one distillation method plus optional per-row settings, written as one string:
+
+    "sre2l:teacher=guard | @guard"                                    GUARD with the selected beta/h
+    "sre2l:teacher=grad-norm:label=GN 1e-3 | --squeeze.objective.grad_norm_beta=1e-3"
+
+`method spec` (guard_fast/methods: `name:key=value:label=NAME`), then `|`-separated parts: `--section.key=value`
+overrides of the pipeline config (CLI syntax, keys relative to the `pipeline` section) and `@knob`, which applies the
+values the selection stage chose for that knob. Rows with the same overrides share one pipeline folder (and so their
+teachers); the label is the method's display name.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from guard_fast.methods import resolve
+from guard_fast.pipeline import PipelineConfig
+from guard_fast.runtime.config import overrides_to_dict, parse_args
+from guard_fast.runtime.errors import ConfigError
+from guard_fast.study.figures import FIGURES
+
+# knob -> the method its selection runs train (one registry dict; a new knob is one entry here + a config field)
+KNOBS: dict[str, str] = {"guard": "sre2l:teacher=guard", "pgd_at": "sre2l:teacher=pgd-at",
+                         "grad_norm": "sre2l:teacher=grad-norm"}
+
+
+@dataclass
+class TableConfig:
+    title: str = ""
+    """heading of the table in the report"""
+    rows: list[str] = field(default_factory=list)
+    """'method spec | --section.key=value | @knob' per row (see the module docstring); empty = table not run"""
+    ipc: list[int] = field(default_factory=list)
+    """images per class, one cell per (row, ipc)"""
+    pairs: list[str] = field(default_factory=list)
+    """'TREATMENT vs BASELINE' by row label: the GUARD-vs-baseline comparisons with paired confidence intervals"""
+
+    def validate(self) -> None:
+        labels = [parse_row(r).label for r in self.rows]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"table rows {labels}: labels must be distinct (set label=NAME in the method spec)")
+        if self.rows and (not self.ipc or min(self.ipc) < 1):
+            raise ConfigError(f"table {self.title!r}: ipc = {self.ipc}: give one or more values >= 1")
+        for p in self.pairs:
+            a, b = parse_pair(p)
+            if a not in labels or b not in labels:
+                raise ConfigError(f"pair {p!r}: both labels must be rows of table {self.title!r} ({labels})")
+
+
+@dataclass
+class SelectionConfig:
+    """Hyperparameters chosen on a split carved from the TRAINING images, never on the reported val split."""
+
+    val_fraction: float = 0.2
+    """fraction of each class of data.path/train held out as the selection val split"""
+    split_seed: int = 0
+    """seed of the stratified selection split"""
+    ipc: int = 10
+    """images per class of the selection runs' distilled sets"""
+    seed: int = 0
+    """dist.seed of the selection runs"""
+    attack: str = "pgd100"
+    """score = accuracy under this attack (counted only on clean-correct images) on the selection split"""
+    eps: float = 4 / 255
+    """L-inf radius of the score's attack, [0,1] pixel units"""
+    guard: list[str] = field(default_factory=list)
+    """GUARD grid, one 'section.key=v1,v2,...' line per key (the grid is their product), e.g. squeeze.objective.beta"""
+    pgd_at: list[str] = field(default_factory=list)
+    """adversarial-training grid (e.g. squeeze.objective.eps=1/255,2/255,4/255)"""
+    grad_norm: list[str] = field(default_factory=list)
+    """gradient-norm grid (squeeze.objective.grad_norm_beta=...)"""
+
+    def validate(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"selection.val_fraction = {self.val_fraction}: must be in (0, 1)")
+        for knob in KNOBS:
+            candidates(self, knob)  # raises on malformed lines
+
+
+@dataclass
+class CostConfig:
+    config: str = ""
+    """bench preset (bench/step.py's BenchConfig TOML) for Table 4; empty = no cost table"""
+    overrides: list[str] = field(default_factory=list)
+    """--section.key=value overrides of that preset"""
+    guard: str = "guard[reuse]"
+    """bench row of GUARD"""
+    baselines: list[str] = field(default_factory=lambda: ["pgd-at[K=10]"])
+    """bench rows of the adversarial-training baselines GUARD is compared with"""
+
+
+@dataclass
+class StudyConfig:
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    """base settings of every run (data, squeeze, recover, train, evaluate); methods, ipc, dist.seed, output.dir are
+    set per cell by the study"""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """dist.seed of every stage of a cell, one run per seed (>= 3 for the confidence intervals to mean much)"""
+    runs_dir: str = "runs/study-digits"
+    """cache: one pipeline folder per (seed, row settings), the selection runs, the selection data split"""
+    results_dir: str = "results/study-digits"
+    """report.md, results.json, PNG charts"""
+    readme: str = "README.md"
+    """file whose '<!-- NAME:begin -->' ... '<!-- NAME:end -->' block (NAME = results_dir's folder name) is rewritten
+    with the main table; empty = none"""
+    report_eps: float = 4 / 255
+    """L-inf radius of the README's main table, [0,1] pixel units"""
+    confidence: float = 0.95
+    """level of the paired t-intervals"""
+    report_only: bool = False
+    """do not run anything: rewrite the report from the cells finished so far (e.g. while a study runs)"""
+    quick: bool = False
+    """apply quick_overrides (the smoke preset) on top of the file"""
+    quick_overrides: list[str] = field(default_factory=list)
+    """--key=value overrides (study-level keys) that make the quick smoke preset"""
+    table12: TableConfig = field(default_factory=TableConfig)
+    """Tables 1/2: GUARD vs SRe2L, SRe2L+Adv (MTT, TESLA when registered)"""
+    table3: TableConfig = field(default_factory=TableConfig)
+    """Table 3: gradient-norm ablation at several lambda_g next to GUARD"""
+    table5: TableConfig = field(default_factory=TableConfig)
+    """Table 5: method vs GUARD(method) (SRe2L, CDA; DC when registered)"""
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
+    """Table 4: time/iter and peak memory of GUARD vs adversarial training (bench/step.py, side by side)"""
+    figures: list[str] = field(default_factory=list)
+    """extra figures from guard_fast.study.figures.FIGURES (Fig. 2, curvature, registers there when its stage lands)"""
+
+    def validate(self) -> None:
+        if len(self.seeds) < 1 or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds = {self.seeds}: give one or more distinct seeds (>= 3 for the study)")
+        if not any(t.rows for t in self.tables().values()):
+            raise ConfigError("no table has rows: set table12.rows, table3.rows or table5.rows")
+        for t in self.tables().values():
+            for r in t.rows:
+                for k in parse_row(r).knobs:
+                    if not candidates(self.selection, k):
+                        raise ConfigError(f"row {r!r} uses @{k} but selection.{k} is empty")
+        unknown = sorted(set(self.figures) - set(FIGURES))
+        if unknown:
+            raise ConfigError(f"figures = {unknown}: registered figures are {sorted(FIGURES) or 'none yet'}")
+
+    def tables(self) -> dict[str, TableConfig]:
+        return {"table12": self.table12, "table3": self.table3, "table5": self.table5}
+
+
+@dataclass(frozen=True)
+class Row:
+    method: str
+    label: str
+    overrides: tuple[str, ...]
+    knobs: tuple[str, ...]
+
+
+def parse_row(text: str) -> Row:
+    """'spec | --a.b=1 | @guard' -> Row; ConfigError naming the row otherwise."""
+    method, *parts = [p.strip() for p in text.split("|")]
+    m, _spec, opts = resolve(method)
+    overrides, knobs = [], []
+    for p in parts:
+        if p.startswith("@") and p[1:] in KNOBS:
+            knobs.append(p[1:])
+        elif p.startswith("--") and "=" in p:
+            overrides.append(p)
+        else:
+            raise ConfigError(f"row {text!r}: part {p!r} is neither --section.key=value nor @knob "
+                              f"({', '.join('@' + k for k in KNOBS)})")
+    overrides_to_dict(PipelineConfig, overrides)  # syntax check now; keys are checked when the cell is planned
+    return Row(method, m.display(opts), tuple(overrides), tuple(knobs))
+
+
+def parse_pair(text: str) -> tuple[str, str]:
+    a, sep, b = text.partition(" vs ")
+    if not sep or not a.strip() or not b.strip():
+        raise ConfigError(f"pair {text!r}: write 'TREATMENT vs BASELINE' with row labels")
+    return a.strip(), b.strip()
+
+
+def candidates(sel: SelectionConfig, knob: str) -> list[tuple[str, ...]]:
+    """The grid of `knob` as override tuples: ['a=1,2', 'b=3'] -> [('--a=1', '--b=3'), ('--a=2', '--b=3')]."""
+    axes = []
+    for line in getattr(sel, knob):
+        key, sep, values = line.partition("=")
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key.strip() or not vals:
+            raise ConfigError(f"selection.{knob}: {line!r} should look like section.key=v1,v2")
+        axes.append([f"--{key.strip()}={v}" for v in vals])
+    return [tuple(c) for c in itertools.product(*axes)] if axes else []
+
+
+def load_study(argv: list[str], prog: str = "guard-fast study") -> StudyConfig:
+    """parse_args, and with --quick (or quick = true in the file) once more with the file's quick_overrides placed
+    before the command line's overrides (CLI > quick preset > TOML > defaults)."""
+    cfg = parse_args(StudyConfig, argv, prog)
+    if cfg.quick:
+        cfg = parse_args(StudyConfig, [*cfg.quick_overrides, *argv, "--quick=true"], prog)
+    return cfg
