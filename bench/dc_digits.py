@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     report = (run / "report.md").read_text()
     settings = report.split("## Settings", 1)[1].split("##", 1)[0].strip()
     notes = "\n".join([f"Command: `{args.command}` (wall time {args.wall_s / 60:.1f} min on a 2-core CPU shared "
-                       "with other jobs; load average ~15-19 during the run, so times are not representative).",
+                       "with other jobs; load average 8-19 during the run, so times are not representative).",
                        "", "Settings (from the run's report.md):", "", settings, "",
                        "Accuracy on a seeded subset of the real val split; attacked accuracy counts images that are "
                        "also correct when clean. One seed, one student per set: differences of a few points are "
