@@ -115,6 +115,10 @@ class Trainer:
         if self.step % self.grad_accum == 0:
             self.save()
 
+    def validation_due(self, epoch: int, every: int) -> bool:
+        """Validate after the last epoch, and after every `every`-th one (0 = only the last)."""
+        return epoch + 1 == self.total // self.steps_per_epoch or bool(every and (epoch + 1) % every == 0)
+
     def log_validation(self, epoch: int, metrics: dict[str, float]) -> None:
         self.run.log({"step": self.step, "epoch": epoch, **{f"val_{k}": v for k, v in metrics.items()}})
         if self.info.is_main:

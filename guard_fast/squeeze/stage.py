@@ -78,7 +78,7 @@ def run_squeeze(cfg: SqueezeConfig, info: DistInfo) -> dict[str, Any]:
             if trainer.step_done(loss, stats, len(y)):
                 return trainer.stopped()
         trainer.end_epoch(epoch)
-        if epoch + 1 == cfg.optim.epochs or (cfg.val_every and (epoch + 1) % cfg.val_every == 0):
+        if trainer.validation_due(epoch, cfg.val_every):
             metrics = accuracy(engine.module, val, cfg.robust_eval_eps, cfg.robust_eval_steps, cfg.val_batches, dtype)
             trainer.log_validation(epoch, metrics)
     skipped = {"train": train.skipped, "val": val.skipped}  # data.skip_corrupt: images skipped by this process

@@ -164,7 +164,7 @@ def run_train_hard(cfg: HardTrainConfig, info: DistInfo) -> dict[str, Any]:
             if trainer.step_done(loss, {}, len(ys)):
                 return trainer.stopped()
         trainer.end_epoch(epoch)
-        if epoch + 1 == cfg.optim.epochs or (cfg.val_every and (epoch + 1) % cfg.val_every == 0):
+        if trainer.validation_due(epoch, cfg.val_every):
             metrics = accuracy(engine.module, val, max_batches=cfg.val_batches, dtype=dtype)
             trainer.log_validation(epoch, metrics)
     return trainer.finish("student.pt", {"steps": trainer.step, "images": n, "augment": cfg.augment,
