@@ -194,14 +194,23 @@ def settings_lines(cfg: PipelineConfig, evaluation: dict[str, Any]) -> list[str]
     sq, rc, tr, dc, th = cfg.squeeze, cfg.recover, cfg.train, cfg.dc, cfg.train_hard
     ds = evaluation["dataset"]
     names = {resolve(m)[0].name for m in cfg.methods}
+    hard = {"dc", "mtt", "tesla"}
     dc_lines = [
         f"- dc: {dc.model.arch} width {dc.model.width}, {dc.iterations} outer iterations, loops "
         f"{'table by IPC' if not (dc.outer_loop and dc.inner_loop) else f'{dc.outer_loop}/{dc.inner_loop}'}, init "
         f"{dc.init}, lr_img {dc.lr_img}, lr_net {dc.lr_net}, batch_real {dc.batch_real}; GUARD(DC) lam {dc.lam}, "
-        f"h {dc.h} ([0,1] pixels, sign direction)",
-        f"- train-hard: {th.model.arch} width {th.model.width}, {th.optim.name} lr {th.optim.lr} ({th.optim.schedule}),"
-        f" wd {th.optim.weight_decay} on {th.optim.weight_decay_on}, {th.optim.epochs} epochs, batch {th.batch_size},"
-        f" augment {th.augment}"] if "dc" in names else []
+        f"h {dc.h} ([0,1] pixels, sign direction)"] if "dc" in names else []
+    ex, mt = cfg.experts, cfg.mtt
+    mtt_lines = [
+        f"- experts: {ex.num_experts} x {ex.epochs} epochs, {ex.model.arch} width {ex.model.width}, sgd lr {ex.lr}, "
+        f"batch {ex.batch_size}, augment {ex.augment}",
+        f"- mtt/tesla: {mt.iterations} iterations of {mt.syn_steps} steps (batch {mt.batch_syn or 'all'}), "
+        f"expert_epochs {mt.expert_epochs}, max_start_epoch {mt.max_start_epoch}, lr_img {mt.lr_img}, lr_lr "
+        f"{mt.lr_lr}, lr_teacher {mt.lr_teacher}, augment {mt.augment}"] if names & {"mtt", "tesla"} else []
+    hard_lines = [
+        f"- train-hard: {th.model.arch} width {th.model.width}, {th.optim.name} lr {th.optim.lr} ({th.optim.schedule};"
+        f" MTT/TESLA: the learned lr), wd {th.optim.weight_decay} on {th.optim.weight_decay_on}, {th.optim.epochs} "
+        f"epochs, batch {th.batch_size}, augment {th.augment}"] if names & hard else []
     data_line = (f"- data: {ds['name']}, {ds['num_classes']} classes, {ds['image_size']} px; evaluated on "
                  f"{ds['images']} of {ds['split_images']} val images"
                  + (f" (seeded subset, seed {ds['subset_seed']})" if ds["images"] < ds["split_images"] else ""))
@@ -213,10 +222,11 @@ def settings_lines(cfg: PipelineConfig, evaluation: dict[str, Any]) -> list[str]
         f"{rc.curriculum}",
         f"- relabel/train: student {tr.model.arch} width {tr.model.width}, {tr.optim.name} lr {tr.optim.lr}, "
         f"{tr.optim.epochs} epochs, batch {tr.views.batch_size}, T {tr.temperature}, soft labels {tr.soft_labels}",
-    ] if names - {"dc"} else []
+    ] if names - hard else []
     attacks = "- attacks: " + "; ".join(f"{k} " + ", ".join(f"{a} {b}" for a, b in v.items())
                                         for k, v in evaluation["attacks"].items())
-    return [data_line, *sre2l_lines, *dc_lines, attacks, *[f"- {n}" for n in evaluation["notes"]]]
+    return [data_line, *sre2l_lines, *dc_lines, *mtt_lines, *hard_lines, attacks,
+            *[f"- {n}" for n in evaluation["notes"]]]
 
 
 def write_report(cfg: PipelineConfig, root: Path, evaluations: list[tuple[str, int, StageRecord]],

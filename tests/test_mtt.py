@@ -221,6 +221,28 @@ def test_distill_resume_equals_uninterrupted(small, buffer, tmp_path, method, la
         torch.testing.assert_close(soft["probs"].sum(1), torch.ones(20))
 
 
+def test_matching_two_ranks_under_deepspeed_equals_one_rank(small, buffer, tmp_path):
+    """Two trajectories per iteration: one rank runs both, or the deepspeed launcher's two ranks run one each and
+    sum their gradients; the learned lr and the images agree (float32 sums in another order), and so do TESLA's
+    soft labels' inputs."""
+    from guard_fast.data.synthetic import load_synthetic
+
+    extra = ["--method=tesla", "--trajectories=2"]
+    one = mtt(small, buffer, tmp_path / "one", *extra)
+    cmd = [str(Path(PYTHON).parent / "deepspeed"), "--num_gpus", "2", "--master_port", "29587",
+           str(REPO / "launchers/mtt.py"), *stage_args(small, tmp_path / "two"), f"--buffer={buffer}", "--ipc=2",
+           "--iterations=4", "--syn_steps=3", "--expert_epochs=2", "--max_start_epoch=2", "--batch_syn=10",
+           "--lr_img=10", "--output.log_every=1", *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    two = json.loads((tmp_path / "two/result.json").read_text())
+    assert two["syn_lr"] == pytest.approx(one["syn_lr"], rel=1e-5) and two["syn_lr"] != 0.01
+    a, b = torch.load(tmp_path / "one/state.pt", weights_only=True), torch.load(tmp_path / "two/state.pt",
+                                                                                 weights_only=True)
+    torch.testing.assert_close(a["images"], b["images"], rtol=1e-4, atol=1e-4)
+    assert len(load_synthetic(tmp_path / "two", num_classes=10).labels) == 20
+
+
 def test_bad_inputs_are_refused_with_one_line(small, buffer, tmp_path):
     with pytest.raises(GuardFastError, match="another dataset or model.*width 4 vs 8"):
         mtt(small, buffer, tmp_path / "a", "--model.width=8")
@@ -252,32 +274,34 @@ def test_every_config_field_documented():
 
 
 def test_registry_plans_mtt_and_tesla(tmp_path):
-    """One expert buffer for both methods and every IPC; MTT's student uses the learned lr and hard labels, TESLA's
-    the soft labels; the distillation network is the experts'."""
+    """One expert buffer for both methods and every IPC; MTT's and TESLA's students use the learned lr and hard
+    labels (TESLA's public code on every dataset but ImageNet-1K), tesla:labels=expert the soft labels; the
+    distillation network is the experts'."""
     from guard_fast.pipeline import PipelineConfig, plan_pipeline
 
-    cfg = load_config(PipelineConfig, None, ["--methods=mtt,tesla,tesla:labels=hard", "--ipc=1,10",
+    cfg = load_config(PipelineConfig, None, ["--methods=mtt,tesla,tesla:labels=expert", "--ipc=1,10",
                                              "--experts.model.width=32", "--mtt.model.width=7"])
     chains = plan_pipeline(cfg, tmp_path)
-    assert [label for label, _, _ in chains] == ["MTT", "MTT", "TESLA", "TESLA", "TESLA(hard labels)"] * 1 + [
-        "TESLA(hard labels)"]
+    assert [label for label, _, _ in chains] == ["MTT", "MTT", "TESLA", "TESLA", "TESLA(soft labels)",
+                                                 "TESLA(soft labels)"]
     by = {(label, ipc): {s.kind: s for s in stages} for label, ipc, stages in chains}
     assert {by[k]["experts"].folder for k in by} == {tmp_path / "experts"}
-    m, t, h = by[("MTT", 10)], by[("TESLA", 1)], by[("TESLA(hard labels)", 10)]
+    m, t, s = by[("MTT", 10)], by[("TESLA", 1)], by[("TESLA(soft labels)", 10)]
     assert (m["mtt"].config.method, m["mtt"].config.labels, m["mtt"].config.ipc) == ("mtt", "hard", 10)
-    assert (t["mtt"].config.method, t["mtt"].config.labels, h["mtt"].config.labels) == ("tesla", "expert", "hard")
+    assert (t["mtt"].config.method, t["mtt"].config.labels, s["mtt"].config.labels) == ("tesla", "hard", "expert")
     assert m["mtt"].config.model.width == 32 and m["mtt"].config.buffer == str(tmp_path / "experts")
-    mh, th = m["train-hard"].config, t["train-hard"].config
-    assert mh.lr_from_set and (mh.labels, th.labels) == ("hard", "soft")
+    mh, th, sh = m["train-hard"].config, t["train-hard"].config, s["train-hard"].config
+    assert mh.lr_from_set and th.lr_from_set and (mh.labels, th.labels, sh.labels) == ("hard", "hard", "soft")
     assert m["evaluate"].config.checkpoints == [str(tmp_path / "mtt/ipc10/train-hard/student.pt")]
 
 
 def test_pipeline_runs_mtt_and_tesla_end_to_end(small, tmp_path):
-    """experts -> mtt/tesla -> train-hard (learned lr; TESLA's soft labels) -> evaluate -> report, on 16 px."""
+    """experts -> mtt/tesla (soft labels) -> train-hard (learned lr; TESLA's soft labels) -> evaluate -> report, on
+    16 px."""
     out = tmp_path / "pipe"
     cmd = [PYTHON, str(REPO / "launchers/pipeline.py"), f"--data.path={small}", "--data.image_size=16",
            "--data.workers=0", "--data.eval_batch_size=20", f"--output.dir={out}", "--output.progress=false",
-           "--methods=mtt,tesla", "--ipc=2", "--experts.model.width=4", "--experts.num_experts=2",
+           "--methods=mtt,tesla:labels=expert", "--ipc=2", "--experts.model.width=4", "--experts.num_experts=2",
            "--experts.epochs=3", "--experts.batch_size=32", "--mtt.iterations=2", "--mtt.syn_steps=2",
            "--mtt.max_start_epoch=1", "--mtt.lr_img=10", "--train_hard.model.width=4", "--train_hard.optim.epochs=2",
            "--train_hard.val_batches=1", "--evaluate.num_images=20", "--evaluate.attack.eps=1/255",
@@ -286,7 +310,7 @@ def test_pipeline_runs_mtt_and_tesla_end_to_end(small, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
-    assert {row["label"] for row in results["rows"]} == {"MTT IPC 2", "TESLA IPC 2"}
+    assert {row["label"] for row in results["rows"]} == {"MTT IPC 2", "TESLA(soft labels) IPC 2"}
     assert [s["stage"] for s in results["stages"]].count("experts") == 1
     mtt_lr = json.loads((out / "mtt/ipc2/distill/manifest.json").read_text())["syn_lr"]
     cfg = json.loads((out / "mtt/ipc2/train-hard/config.json").read_text())

@@ -158,6 +158,11 @@ def test_method_registry_plans_shared_teachers_and_labels(tmp_path):
     ev = by[("GUARD", 3)]["evaluate"]
     assert ev.config.checkpoints == [str(tmp_path / "sre2l-teacher-guard/ipc3/train/student.pt")]
     assert ev.config.labels == ["GUARD IPC 3"] and ev.inputs == [by[("GUARD", 3)]["train"].folder]
+    # train.views.batch_size (default 100) is capped at the set's size, the same for relabel and train
+    views = {k: (by[k]["train"].config.views.batch_size, by[k]["relabel"].config.views.batch_size) for k in by}
+    assert views[("GUARD", 1)] == (10, 10) and views[("Mine", 3)] == (30, 30)
+    big = plan_pipeline(load_config(PipelineConfig, None, ["--methods=sre2l", "--ipc=20"]), tmp_path)
+    assert big[0][2][-2].config.views.batch_size == 100  # 200 images: unchanged
 
 
 @pytest.mark.parametrize("methods, message", [

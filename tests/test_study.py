@@ -217,8 +217,11 @@ def test_plan_shares_settings_and_groups_ipc(tmp_path):
     assert plan.cells[("table12", "SRe2L", 10)] == "base/SRe2L IPC 10"
     assert plan.cells[("table5", "CDA", 1)] == "base/CDA IPC 1"
     base_calls = [c for c in plan.calls if c.slug == "base"]
-    assert sorted(tuple(c.ipc) for c in base_calls) == [(1, 10), (1, 10, 50)]
-    assert {m for c in base_calls for m in c.methods} == {"sre2l:teacher=none", "cda:teacher=none"}
+    assert sorted(tuple(c.ipc) for c in base_calls) == [(1, 10), (1, 10, 50), (10, 50)]
+    assert {m for c in base_calls for m in c.methods} == {"sre2l:teacher=none", "cda:teacher=none", "dc",
+                                                          "dc:guard=true", "mtt", "tesla"}
+    assert plan.cells[("table12", "TESLA", 50)] == "base/TESLA IPC 50"
+    assert plan.cells[("table5", "GUARD(DC)", 1)] == "base/GUARD(DC) IPC 1"
     assert len({c.slug for c in plan.calls if any("grad-norm" in m for m in c.methods)}) == len(cfg.table3.rows) - 1
     assert load_config(StudyConfig, REPO / "configs/study-digits.toml").seeds == [0, 1, 2]
     pending = plan_study(cfg, {})
@@ -226,10 +229,10 @@ def test_plan_shares_settings_and_groups_ipc(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("--table12.pairs=[\"GUARD vs MTT\"]", "both labels"),
+    ("--table12.pairs=[\"GUARD vs KIP\"]", "both labels"),
     ("--table12.rows=[\"sre2l:teacher=none | squeeze.optim.lr=1\"]", "neither"),
     ("--selection.guard=[]", "selection.guard is empty"),
-    ("--figures=[\"curvature\"]", "registered figures"),
+    ("--figures=[\"fig9\"]", "registered figures"),
     ("--seeds=[1,1]", "distinct"),
 ])
 def test_bad_study_configs_are_refused(override, message):
@@ -239,3 +242,53 @@ def test_bad_study_configs_are_refused(override, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(StudyConfig, REPO / "configs/study-digits.toml", [override])
+
+
+def test_curvature_figure_pools_seeds_and_pairs_medians(tmp_path):
+    """Fig. 2 from curvature stages on disk: only Table 1/2 students at its smallest IPC (and teachers) are drawn,
+    images of all seeds pooled; GUARD vs SRe2L is the paired t-interval of per-seed medians (independent numpy/scipy
+    computation), and an unfinished stage (no stage.json) is ignored."""
+    from guard_fast.runtime.config import load_config
+    from guard_fast.study.config import StudyConfig
+    from guard_fast.study.figures import FigureContext, curvature_figure
+
+    rng = np.random.default_rng(0)
+    runs = tmp_path / "runs"
+    cfg = load_config(StudyConfig, REPO / "configs/study-digits.toml", [f"--runs_dir={runs}", "--seeds=[0,1,2]"])
+    values: dict[str, dict[int, np.ndarray]] = {}
+
+    def stage(folder: Path, label: str, group: str, seed: int, scale: float, done: bool = True) -> None:
+        v = rng.uniform(0.5, 1.5, size=9) * scale
+        values.setdefault(label, {})[seed] = v
+        folder.mkdir(parents=True)
+        (folder / "curvature.json").write_text(json.dumps({"models": [{"label": label, "group": group, "records": [
+            {"lambda_max": float(x), "fd_curvature": float(x), "cos_grad_top": 0.5, "position": i}
+            for i, x in enumerate(v)]}]}))
+        if done:
+            (folder / "stage.json").write_text("{}")
+
+    for seed in cfg.seeds:
+        g, b = runs / f"seed{seed}" / "beta-0.01", runs / f"seed{seed}" / "base"
+        stage(g / "sre2l-teacher-guard/ipc10/curvature", "GUARD IPC 10", "students", seed, 1.0)
+        stage(b / "sre2l-teacher-none/ipc10/curvature", "SRe2L IPC 10", "students", seed, 2.0)
+        stage(b / "sre2l-teacher-none/ipc50/curvature", "SRe2L IPC 50", "students", seed, 9.0)  # not IPC 10
+        stage(b / "curvature/teacher-none", "none teacher", "teachers", seed, 3.0)
+        stage(b / "mtt/ipc10/curvature", "MTT IPC 10", "students", seed, 5.0, done=False)
+    table_cells = {("table12", "GUARD", 10): "beta-0.01/GUARD IPC 10", ("table12", "SRe2L", 10): "base/SRe2L IPC 10",
+                   ("table12", "SRe2L", 50): "base/SRe2L IPC 50", ("table12", "MTT", 10): "base/MTT IPC 10"}
+    cells = {cid: {0: []} for cid in table_cells.values()}
+    out = tmp_path / "results"
+    out.mkdir()
+    figs = curvature_figure(FigureContext(cfg, out, cells, table_cells))
+    assert [p for _, p in figs] == [Path("curvature.png")] and (out / "curvature.png").stat().st_size > 1000
+    summary = json.loads((out / "curvature.json").read_text())
+    assert {m["label"] for m in summary["models"]} == {"GUARD IPC 10", "SRe2L IPC 10", "none teacher"}
+    guard = next(m for m in summary["models"] if m["label"] == "GUARD IPC 10")
+    assert guard["pooled"]["n"] == 27
+    assert guard["pooled"]["median"] == pytest.approx(np.median(np.concatenate(list(values["GUARD IPC 10"].values()))))
+    (pair,) = summary["pairs"]
+    d = np.array([np.median(values["GUARD IPC 10"][s]) - np.median(values["SRe2L IPC 10"][s]) for s in cfg.seeds])
+    half = sps.t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
+    assert pair["mean"] == pytest.approx(d.mean()) and pair["lo"] == pytest.approx(d.mean() - half)
+    assert pair["verdict"] == ("supports" if d.mean() + half < 0 else "cannot tell")
+    assert "GUARD IPC 10 vs SRe2L IPC 10" in (out / "curvature.md").read_text()

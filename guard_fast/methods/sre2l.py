@@ -8,9 +8,12 @@ import copy
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from guard_fast.data.presets import resolve_dataset
+from guard_fast.data.views import ViewConfig
 from guard_fast.distill.recover import CURRICULA, run_recover
 from guard_fast.distill.relabel import run_relabel
 from guard_fast.methods.base import Method, Stage, stage_config
+from guard_fast.runtime.errors import ConfigError
 from guard_fast.squeeze.objectives import OBJECTIVES
 from guard_fast.squeeze.stage import run_squeeze
 from guard_fast.student.kd import run_train
@@ -30,6 +33,18 @@ def teacher_stage(cfg: PipelineConfig, objective: str, root: Path) -> Stage:
     return Stage("squeeze", folder, squeeze, run_squeeze, {"teacher": "teacher.pt"})
 
 
+def chain_views(cfg: PipelineConfig, ipc: int) -> ViewConfig:
+    """train.views with batch_size capped at the set's size (IPC x classes), so one `ipc = [1, 10, 50]` list runs
+    IPC 1 too (relabel and train refuse batches larger than the set)."""
+    views = copy.deepcopy(cfg.train.views)
+    if views.batch_size > ipc:  # only then can the set be smaller than a batch
+        try:
+            views.batch_size = min(views.batch_size, ipc * resolve_dataset(cfg.data).num_classes)
+        except ConfigError:
+            pass  # class count unknown yet: the stage reports it
+    return views
+
+
 def plan_chain(cfg: PipelineConfig, teacher_objective: str, ipc: int, chain: Path, curriculum: str | None = None,
                milestone: float | None = None) -> list[Stage]:
     root = chain.parent.parent
@@ -46,11 +61,12 @@ def plan_chain(cfg: PipelineConfig, teacher_objective: str, ipc: int, chain: Pat
                     [sq.folder])
     tr = stage_config(cfg, "train", chain / "train")
     tr.images, tr.labels, tr.teacher = str(recover.folder), str(chain / "relabel"), copy.deepcopy(teacher)
+    tr.views = chain_views(cfg, ipc)
     stages = [sq, recover]
     if tr.soft_labels == "stored":
         rl = stage_config(cfg, "relabel", chain / "relabel")
         rl.model, rl.images = copy.deepcopy(teacher), str(recover.folder)
-        rl.views, rl.epochs = copy.deepcopy(cfg.train.views), cfg.train.optim.epochs
+        rl.views, rl.epochs = copy.deepcopy(tr.views), cfg.train.optim.epochs
         stages.append(Stage("relabel", chain / "relabel", rl, run_relabel, {"labels": "labels.json"},
                             [recover.folder, sq.folder]))
     stages.append(Stage("train", chain / "train", tr, run_train, {"student": "student.pt"},

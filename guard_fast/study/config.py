@@ -86,8 +86,8 @@ class CostConfig:
     """bench preset (bench/step.py's BenchConfig TOML) for Table 4; empty = no cost table"""
     overrides: list[str] = field(default_factory=list)
     """--section.key=value overrides of that preset"""
-    guard: str = "guard[reuse]"
-    """bench row of GUARD"""
+    guard: str = "guard[reuse,updated]"
+    """bench row of GUARD (bench/step.py's label: objective[strategy,bn_stats])"""
     baselines: list[str] = field(default_factory=lambda: ["pgd-at[K=10]"])
     """bench rows of the adversarial-training baselines GUARD is compared with"""
 

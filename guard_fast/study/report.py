@@ -273,7 +273,7 @@ def write_study_report(cfg: StudyConfig, plan: Plan, cells: dict[str, dict[int, 
                                               for k in CLAIMS}}
     figures = []
     for name in cfg.figures:
-        figures += FIGURES[name](FigureContext(cfg, out, cells))
+        figures += FIGURES[name](FigureContext(cfg, out, cells, plan.cells))
     lines = header_lines(cfg, missing) + ["## The paper's claims on the digits", "",
                                           "Verdict per comparison: the paired t-interval over seeds excludes 0 in the "
                                           "claimed direction (supports), in the opposite direction (contradicts), or "
@@ -318,14 +318,34 @@ def header_lines(cfg: StudyConfig, missing: list[str]) -> list[str]:
         f"- scale of eps: an L-inf perturbation of eps at 224 px carries as much L2 energy as eps x {224 / size:.3g} "
         f"at {size} px (sqrt of the pixel-count ratio), so the paper's eps = 1/255 at 224 px is about "
         f"{224 / size:.3g}/255 here: the paper's regime is the upper end of our eps range.",
+        *matching_lines(cfg),
         f"- compute spent: {spent / 3600:.2f} h of stage time ({stages} stages under the cache folder, selection "
-        "included; the sum of each stage's wall time when it ran). The machine (2 CPU cores) was shared with other "
-        "jobs while this ran: stage times and Table 4 are noisy.",
+        "included; the sum of each stage's wall time when it ran, including any run that shared the machine).",
         "",
     ]
     if missing:
         lines += ["## Missing cells", "", *[f"- {m}" for m in missing], ""]
     return lines
+
+
+def matching_lines(cfg: StudyConfig) -> list[str]:
+    """Settings of the DC / MTT / TESLA rows, when the tables have any."""
+    names = {parse_row(r).method.split(":")[0] for t in cfg.tables().values() for r in t.rows}
+    pc, out = cfg.pipeline, []
+    if "dc" in names:
+        d = pc.dc
+        out.append(f"- DC / GUARD(DC): {d.model.arch} width {d.model.width}, {d.iterations} iterations x outer "
+                   f"{d.outer_loop} / inner {d.inner_loop}, batch_real {d.batch_real}; GUARD(DC) lam {d.lam}, h {d.h}")
+    if names & {"mtt", "tesla"}:
+        e, m = pc.experts, pc.mtt
+        out.append(f"- MTT / TESLA: {e.num_experts} experts x {e.epochs} epochs ({e.model.arch} width "
+                   f"{e.model.width}), {m.iterations} iterations of {m.syn_steps} steps, expert_epochs "
+                   f"{m.expert_epochs}, max_start_epoch {m.max_start_epoch}, lr_img {m.lr_img:g}")
+    if names & {"dc", "mtt", "tesla"}:
+        h = pc.train_hard
+        out.append(f"- their students: {h.model.arch} width {h.model.width}, {h.optim.epochs} epochs, "
+                   f"{h.optim.name} lr {h.optim.lr:g} (MTT/TESLA: the learned lr), augment {h.augment}")
+    return out
 
 
 def cost_lines(cfg: StudyConfig, costs: list[dict[str, Any]], cost: dict[str, Any] | None) -> list[str]:
@@ -338,7 +358,11 @@ def cost_lines(cfg: StudyConfig, costs: list[dict[str, Any]], cost: dict[str, An
                else f"{c['guard_peak_mib']:.1f} / {c['baseline_peak_mib']:.1f}")
         body.append([c["pair"], f"{1e3 * g['mean']:.1f} ± {1e3 * (g['std'] or 0):.1f}",
                      f"{1e3 * b['mean']:.1f} ± {1e3 * (b['std'] or 0):.1f}", _ci(c, 1e3), mem])
-    return ["## Table 4: time per iteration and peak memory, side by side", "",
+    labels = [r["label"] for r in cost["rows"]]
+    absent = [x for x in (cfg.cost.guard, *cfg.cost.baselines) if x not in labels]
+    note = ([f"**cost.guard / cost.baselines name rows the benchmark did not write: {', '.join(absent)}** (its rows: "
+             f"{', '.join(labels)}).", ""] if absent else [])
+    return ["## Table 4: time per iteration and peak memory, side by side", "", *note,
             "Measured by bench/step.py in one process, repetitions interleaved; the interval is over repetitions "
             "(paired by repetition), not seeds. Memory is one measurement per row.", "",
             _md(["GUARD vs baseline", "GUARD ms/iter", "baseline ms/iter", "difference ms [CI]",

@@ -94,11 +94,12 @@ def fingerprint(pc: PipelineConfig) -> str:
 
 
 def plan_study(cfg: StudyConfig, selected: dict[str, dict[str, Any]]) -> Plan:
-    """Group every (table, row, ipc) cell by its settings into pipeline calls; rows using a knob whose selection is
-    missing are pending."""
+    """Group every (table, row, ipc) cell by its settings into pipeline calls, the calls of earlier tables first; rows
+    using a knob whose selection is missing are pending."""
     plan = Plan()
     wanted: dict[tuple[str, ...], dict[str, set[int]]] = {}  # settings -> method -> ipcs
-    for table, t in cfg.tables().items():
+    first: dict[tuple[tuple[str, ...], str], int] = {}  # (settings, method) -> index of the first table using it
+    for rank, (table, t) in enumerate(cfg.tables().items()):
         for text in t.rows:
             row = parse_row(text)
             if any(k not in selected for k in row.knobs):
@@ -106,6 +107,7 @@ def plan_study(cfg: StudyConfig, selected: dict[str, dict[str, Any]]) -> Plan:
                 continue
             settings = tuple(dict.fromkeys([*row.overrides, *(o for k in row.knobs for o in selected[k]["best"])]))
             wanted.setdefault(settings, {}).setdefault(row.method, set()).update(t.ipc)
+            first.setdefault((settings, row.method), rank)
             for ipc in t.ipc:
                 plan.cells[(table, row.label, ipc)] = f"{settings_slug(settings)}/{row.label} IPC {ipc}"
     for settings, methods in wanted.items():
@@ -115,6 +117,8 @@ def plan_study(cfg: StudyConfig, selected: dict[str, dict[str, Any]]) -> Plan:
         # the largest IPC set first, so the methods with the most cells share the first call
         for ipcs, ms in sorted(by_ipc.items(), key=lambda kv: (-len(kv[0]), kv[0])):
             plan.calls.append(Call(settings, ms, list(ipcs)))
+    # the first table's calls first (Tables 1/2), so a study cut short has its main table complete
+    plan.calls.sort(key=lambda c: min(first[(c.settings, m)] for m in c.methods))
     labels = [(c.slug, resolve(m)[0].display(resolve(m)[2])) for c in plan.calls for m in c.methods]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"two rows with the same settings have the same label: {labels}")
@@ -155,8 +159,9 @@ def read_ledger(cfg: StudyConfig) -> dict[str, Any]:
 
 
 def run_selection(cfg: StudyConfig, info: DistInfo, data: Path, ledger: dict[str, Any]) -> dict[str, Any]:
-    """Train and score every candidate of every knob on the selection split; the best score wins (ties: the first
-    in grid order). Returns {knob: {'best': overrides, 'method', 'candidates': [{'overrides', 'score', ...}]}}."""
+    """Train and score every candidate of every knob on the selection split; the best score wins (ties: the higher
+    clean accuracy, then the first in grid order). Returns {knob: {'best': overrides, 'method', 'candidates':
+    [{'overrides', 'score', ...}]}}."""
     sel = cfg.selection
     for knob, method in KNOBS.items():
         grid = candidates(sel, knob)
@@ -175,7 +180,7 @@ def run_selection(cfg: StudyConfig, info: DistInfo, data: Path, ledger: dict[str
                 scored.append({"overrides": list(cand), "score": row[sel.attack], "clean": row["clean"],
                                "folder": str(out.relative_to(cfg.runs_dir))})
         if info.is_main:
-            best = max(scored, key=lambda s: s["score"])  # max() keeps the first of equal scores
+            best = max(scored, key=lambda s: (s["score"], s["clean"]))  # max() keeps the first of equal pairs
             ledger["selection"][knob] = {"method": method, "attack": sel.attack, "eps": sel.eps, "ipc": sel.ipc,
                                          "best": best["overrides"], "candidates": scored}
             atomic_json(Path(cfg.runs_dir) / LEDGER, ledger)
