@@ -189,43 +189,57 @@ def run_pipeline(cfg: PipelineConfig, info: DistInfo) -> dict[str, Any]:
     return summary
 
 
+def method_kinds(methods: list[str]) -> set[str]:
+    """The stage kinds the methods run (their registry entries' kinds)."""
+    return {k for m in methods for k in resolve(m)[0].kinds}
+
+
+def stage_settings_lines(cfg: PipelineConfig, kinds: set[str]) -> list[str]:
+    """One report line per configuration section that a stage of these kinds reads (the SRe2L sections, DC, the
+    experts and matching, the hard-label student)."""
+    sq, rc, tr, dc, th, ex, mt = cfg.squeeze, cfg.recover, cfg.train, cfg.dc, cfg.train_hard, cfg.experts, cfg.mtt
+    lines = []
+    if "squeeze" in kinds:
+        lines.append(f"- squeeze: {sq.model.arch} width {sq.model.width}, {sq.optim.name} lr {sq.optim.lr}, "
+                     f"{sq.optim.epochs} epochs, batch {cfg.data.batch_size}/rank; GUARD h {sq.objective.h}, beta "
+                     f"{sq.objective.beta}, strategy {sq.objective.strategy}")
+    if "recover" in kinds:
+        lines.append(f"- recover: {rc.iterations} iterations, lr {rc.lr}, r_bn {rc.r_bn}, jitter {rc.jitter} px, CDA "
+                     f"{rc.curriculum}")
+    if "train" in kinds:
+        lines.append(f"- relabel/train: student {tr.model.arch} width {tr.model.width}, {tr.optim.name} lr "
+                     f"{tr.optim.lr}, {tr.optim.epochs} epochs, batch {tr.views.batch_size}, T {tr.temperature}, "
+                     f"soft labels {tr.soft_labels}")
+    if "dc" in kinds:
+        loops = 'table by IPC' if not (dc.outer_loop and dc.inner_loop) else f'{dc.outer_loop}/{dc.inner_loop}'
+        lines.append(f"- dc: {dc.model.arch} width {dc.model.width}, {dc.iterations} outer iterations, loops {loops}, "
+                     f"init {dc.init}, lr_img {dc.lr_img}, lr_net {dc.lr_net}, batch_real {dc.batch_real}; GUARD(DC) "
+                     f"lam {dc.lam}, h {dc.h} ([0,1] pixels, sign direction)")
+    if "experts" in kinds:
+        lines.append(f"- experts: {ex.num_experts} x {ex.epochs} epochs, {ex.model.arch} width {ex.model.width}, sgd "
+                     f"lr {ex.lr}, batch {ex.batch_size}, augment {ex.augment}")
+    if "mtt" in kinds:
+        lines.append(f"- mtt/tesla: {mt.iterations} iterations of {mt.syn_steps} steps (batch "
+                     f"{mt.batch_syn or 'all'}), expert_epochs {mt.expert_epochs}, max_start_epoch "
+                     f"{mt.max_start_epoch}, lr_img {mt.lr_img}, lr_lr {mt.lr_lr}, lr_teacher {mt.lr_teacher}, "
+                     f"augment {mt.augment}")
+    if "train-hard" in kinds:
+        lines.append(f"- train-hard: {th.model.arch} width {th.model.width}, {th.optim.name} lr {th.optim.lr} "
+                     f"({th.optim.schedule}; MTT/TESLA: the learned lr), wd {th.optim.weight_decay} on "
+                     f"{th.optim.weight_decay_on}, {th.optim.epochs} epochs, batch {th.batch_size}, augment "
+                     f"{th.augment}")
+    return lines
+
+
 def settings_lines(cfg: PipelineConfig, evaluation: dict[str, Any]) -> list[str]:
     """What was run, stated in the report (demo settings are smaller than the paper's)."""
-    sq, rc, tr, dc, th = cfg.squeeze, cfg.recover, cfg.train, cfg.dc, cfg.train_hard
     ds = evaluation["dataset"]
-    names = {resolve(m)[0].name for m in cfg.methods}
-    hard = {"dc", "mtt", "tesla"}
-    dc_lines = [
-        f"- dc: {dc.model.arch} width {dc.model.width}, {dc.iterations} outer iterations, loops "
-        f"{'table by IPC' if not (dc.outer_loop and dc.inner_loop) else f'{dc.outer_loop}/{dc.inner_loop}'}, init "
-        f"{dc.init}, lr_img {dc.lr_img}, lr_net {dc.lr_net}, batch_real {dc.batch_real}; GUARD(DC) lam {dc.lam}, "
-        f"h {dc.h} ([0,1] pixels, sign direction)"] if "dc" in names else []
-    ex, mt = cfg.experts, cfg.mtt
-    mtt_lines = [
-        f"- experts: {ex.num_experts} x {ex.epochs} epochs, {ex.model.arch} width {ex.model.width}, sgd lr {ex.lr}, "
-        f"batch {ex.batch_size}, augment {ex.augment}",
-        f"- mtt/tesla: {mt.iterations} iterations of {mt.syn_steps} steps (batch {mt.batch_syn or 'all'}), "
-        f"expert_epochs {mt.expert_epochs}, max_start_epoch {mt.max_start_epoch}, lr_img {mt.lr_img}, lr_lr "
-        f"{mt.lr_lr}, lr_teacher {mt.lr_teacher}, augment {mt.augment}"] if names & {"mtt", "tesla"} else []
-    hard_lines = [
-        f"- train-hard: {th.model.arch} width {th.model.width}, {th.optim.name} lr {th.optim.lr} ({th.optim.schedule};"
-        f" MTT/TESLA: the learned lr), wd {th.optim.weight_decay} on {th.optim.weight_decay_on}, {th.optim.epochs} "
-        f"epochs, batch {th.batch_size}, augment {th.augment}"] if names & hard else []
     data_line = (f"- data: {ds['name']}, {ds['num_classes']} classes, {ds['image_size']} px; evaluated on "
                  f"{ds['images']} of {ds['split_images']} val images"
                  + (f" (seeded subset, seed {ds['subset_seed']})" if ds["images"] < ds["split_images"] else ""))
-    sre2l_lines = [
-        f"- squeeze: {sq.model.arch} width {sq.model.width}, {sq.optim.name} lr {sq.optim.lr}, {sq.optim.epochs} "
-        f"epochs, batch {cfg.data.batch_size}/rank; GUARD h {sq.objective.h}, beta {sq.objective.beta}, strategy "
-        f"{sq.objective.strategy}",
-        f"- recover: {rc.iterations} iterations, lr {rc.lr}, r_bn {rc.r_bn}, jitter {rc.jitter} px, CDA "
-        f"{rc.curriculum}",
-        f"- relabel/train: student {tr.model.arch} width {tr.model.width}, {tr.optim.name} lr {tr.optim.lr}, "
-        f"{tr.optim.epochs} epochs, batch {tr.views.batch_size}, T {tr.temperature}, soft labels {tr.soft_labels}",
-    ] if names - hard else []
     attacks = "- attacks: " + "; ".join(f"{k} " + ", ".join(f"{a} {b}" for a, b in v.items())
                                         for k, v in evaluation["attacks"].items())
-    return [data_line, *sre2l_lines, *dc_lines, *mtt_lines, *hard_lines, attacks,
+    return [data_line, *stage_settings_lines(cfg, method_kinds(cfg.methods)), attacks,
             *[f"- {n}" for n in evaluation["notes"]]]
 
 

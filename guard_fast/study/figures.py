@@ -40,8 +40,8 @@ class FigureContext:
 def _curvature_models(folder: Path) -> list[dict[str, Any]]:
     """The models of every finished curvature stage under a pipeline folder (students and teachers)."""
     out = []
-    teachers, students = folder.glob("curvature/teacher-*/curvature.json"), folder.glob("*/ipc*/curvature/*.json")
-    for path in sorted(teachers) + sorted(p for p in students if p.name == "curvature.json"):
+    teachers = sorted(folder.glob("curvature/teacher-*/curvature.json"))
+    for path in teachers + sorted(folder.glob("*/ipc*/curvature/curvature.json")):
         if (path.parent / "stage.json").is_file():
             out += json.loads(path.read_text())["models"]
     return out

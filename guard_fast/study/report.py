@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from guard_fast.attacks.suite import settings as attack_settings
+from guard_fast.pipeline import method_kinds, stage_settings_lines
 from guard_fast.robustness.report import COLUMNS, drop_rate, fmt_eps
 from guard_fast.runtime.config import to_dict
 from guard_fast.runtime.io import atomic_json, atomic_text, atomic_write
@@ -309,16 +310,16 @@ def header_lines(cfg: StudyConfig, missing: list[str]) -> list[str]:
         f"- data: {pc.data.dataset} at {size} px, students evaluated on "
         + ("the **whole** val split" if ev.num_images == 0 else f"a seeded {ev.num_images}-image subset")
         + f"; seeds {cfg.seeds} (each seed reseeds every stage: teacher, synthesis, labels, student, attacks)",
-        f"- squeeze: {pc.squeeze.model.arch} width {pc.squeeze.model.width}, {pc.squeeze.optim.epochs} epochs; "
-        f"recover {pc.recover.iterations} iterations; student {pc.train.model.arch} width {pc.train.model.width}, "
-        f"{pc.train.optim.epochs} epochs",
+        *stage_settings_lines(pc, method_kinds([parse_row(r).method for t in cfg.tables().values()
+                                                for r in t.rows])),
+        "- rows with @knob use the values chosen in 'Hyperparameter selection' below in place of the base values "
+        "above",
         f"- attacks: {', '.join(COLUMNS[n] for n in ev.attack.names)} at L-inf eps {eps} (CW: L2); "
         + "; ".join(f"{COLUMNS[n]} " + ", ".join(f"{k} {v}" for k, v in s.items() if k != "norm")
                     for n, s in attack_settings(ev.attack, 10).items()),
         f"- scale of eps: an L-inf perturbation of eps at 224 px carries as much L2 energy as eps x {224 / size:.3g} "
         f"at {size} px (sqrt of the pixel-count ratio), so the paper's eps = 1/255 at 224 px is about "
         f"{224 / size:.3g}/255 here: the paper's regime is the upper end of our eps range.",
-        *matching_lines(cfg),
         f"- compute spent: {spent / 3600:.2f} h of stage time ({stages} stages under the cache folder, selection "
         "included; the sum of each stage's wall time when it ran, including any run that shared the machine).",
         "",
@@ -326,26 +327,6 @@ def header_lines(cfg: StudyConfig, missing: list[str]) -> list[str]:
     if missing:
         lines += ["## Missing cells", "", *[f"- {m}" for m in missing], ""]
     return lines
-
-
-def matching_lines(cfg: StudyConfig) -> list[str]:
-    """Settings of the DC / MTT / TESLA rows, when the tables have any."""
-    names = {parse_row(r).method.split(":")[0] for t in cfg.tables().values() for r in t.rows}
-    pc, out = cfg.pipeline, []
-    if "dc" in names:
-        d = pc.dc
-        out.append(f"- DC / GUARD(DC): {d.model.arch} width {d.model.width}, {d.iterations} iterations x outer "
-                   f"{d.outer_loop} / inner {d.inner_loop}, batch_real {d.batch_real}; GUARD(DC) lam {d.lam}, h {d.h}")
-    if names & {"mtt", "tesla"}:
-        e, m = pc.experts, pc.mtt
-        out.append(f"- MTT / TESLA: {e.num_experts} experts x {e.epochs} epochs ({e.model.arch} width "
-                   f"{e.model.width}), {m.iterations} iterations of {m.syn_steps} steps, expert_epochs "
-                   f"{m.expert_epochs}, max_start_epoch {m.max_start_epoch}, lr_img {m.lr_img:g}")
-    if names & {"dc", "mtt", "tesla"}:
-        h = pc.train_hard
-        out.append(f"- their students: {h.model.arch} width {h.model.width}, {h.optim.epochs} epochs, "
-                   f"{h.optim.name} lr {h.optim.lr:g} (MTT/TESLA: the learned lr), augment {h.augment}")
-    return out
 
 
 def cost_lines(cfg: StudyConfig, costs: list[dict[str, Any]], cost: dict[str, Any] | None) -> list[str]:
