@@ -10,18 +10,18 @@ setup:
 test: setup
 	$(PY) -m pytest tests
 
-# GUARD vs SRe2L end to end on the bundled digits (configs/demo.toml); writes runs/demo/report.md and refreshes
+# GUARD vs SRe2L end to end on the bundled digits (configs/digits/demo.toml); writes runs/demo/report.md and refreshes
 # the README's demo block. Cached: a rerun skips finished stages.
 demo: setup
 	$(PY) -m launchers.cli data prepare-digits --out data/digits
-	$(PY) -m launchers.cli pipeline --config configs/demo.toml
+	$(PY) -m launchers.cli pipeline --config configs/digits/demo.toml
 	$(PY) -m bench.demo_readme --run runs/demo
 
 bench: setup
-	$(PY) -m launchers.cli bench --config configs/bench-cpu.toml
+	$(PY) -m launchers.cli bench --config configs/bench/cpu.toml
 
 # The CUDA path in one prepared run (< 8 min on one H100, no network): compiled Triton kernel tests, a 1-GPU bf16
-# DeepSpeed squeeze with torch.compile through FFCV, configs/bench-gpu.toml -> bench/results/gpu-*. Needs the
+# DeepSpeed squeeze with torch.compile through FFCV, configs/bench/gpu.toml -> bench/results/gpu-*. Needs the
 # environment of `make setup` (not run here: the GPU machine may have no network). No CUDA: one line, exit 0.
 gpu-check:
 	@bash scripts/gpu_check.sh

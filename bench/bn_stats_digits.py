@@ -2,7 +2,7 @@
 
     python -m bench.bn_stats_digits [--epochs 5] [--width 8] [--data data/digits] [--runs runs/bn-stats-digits]
 
-Runs one squeeze per value (configs/squeeze-digits.toml, same seed and budget, validation only at the end with the
+Runs one squeeze per value (configs/digits/squeeze.toml, same seed and budget, validation only at the end with the
 squeeze's quick PGD at 1/255 and 4/255: `--robust_eval_eps=1/255,4/255`, 10 steps of eps/4 from a random start, whole
 val split); a run folder that already holds result.json is reused. Writes results/bn-stats-digits.{json,md} with the
 exact commands.
@@ -25,7 +25,7 @@ MODES = ("updated", "snapshot")
 
 
 def squeeze_args(args: argparse.Namespace, bn_stats: str) -> list[str]:
-    return ["--config", "configs/squeeze-digits.toml", f"--model.width={args.width}", f"--optim.epochs={args.epochs}",
+    return ["--config", "configs/digits/squeeze.toml", f"--model.width={args.width}", f"--optim.epochs={args.epochs}",
             f"--objective.bn_stats={bn_stats}", "--robust_eval_eps=1/255,4/255", "--val_every=0", "--data.workers=0",
             "--output.progress=false", f"--data.path={args.data}", f"--output.dir={Path(args.runs) / bn_stats}"]
 

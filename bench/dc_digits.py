@@ -1,6 +1,6 @@
 """results/dc-digits.{json,md}: DC vs GUARD(DC) on the bundled digits, from a finished pipeline run folder.
 
-    guard-fast pipeline --config configs/dc-digits.toml [overrides]   # then:
+    guard-fast pipeline --config configs/digits/pipeline-dc.toml [overrides]   # then:
     PYTHONPATH=. python -m bench.dc_digits --run runs/dc-digits --command "<the pipeline command>" --wall-s N
 
 Reads the run's results.json (accuracy rows per method, IPC and eps) and its resolved config, and writes one table

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         slug = name.lower().replace(" ", "-").replace("(", "").replace(")", "").replace("+", "-")
         shutil.copy(run / grid, docs / f"grid-{slug}.png")
         lines += [f"{name}: ![{name}](docs/demo/grid-{slug}.png)", ""]
-    if (run / "curvature.png").exists():  # the pipeline's curvature stages (configs/demo.toml enables them)
+    if (run / "curvature.png").exists():  # the pipeline's curvature stages (configs/digits/demo.toml enables them)
         shutil.copy(run / "curvature.png", docs / "curvature.png")
         md = (run / "curvature.md").read_text().split("\n## ")
         eig = next(s for s in md if s.startswith("largest input-Hessian eigenvalue"))

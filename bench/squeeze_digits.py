@@ -2,7 +2,7 @@
 
     python -m bench.squeeze_digits [--epochs 8] [--width 32] [--betas 1e-4,0.5]
 
-Trains a `none` teacher and one `guard` teacher per beta with the same budget (configs/squeeze-digits.toml), then
+Trains a `none` teacher and one `guard` teacher per beta with the same budget (configs/digits/squeeze.toml), then
 evaluates each on the whole digits val split with PGD-20 (step eps/4, random start) at eps 1, 2, 4, 8 /255.
 Writes results/squeeze-digits.{json,md}.
 """
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = {"none": ["--objective.name=none"]}
     for b in args.betas.split(","):
         variants[f"guard beta={b}"] = ["--objective.name=guard", f"--objective.beta={b}"]
-    common = ["--config", str(REPO / "configs/squeeze-digits.toml"), f"--data.path={args.data}",
+    common = ["--config", str(REPO / "configs/digits/squeeze.toml"), f"--data.path={args.data}",
               f"--optim.epochs={args.epochs}", f"--model.width={args.width}", "--val_every=0",
               "--output.progress=false", "--output.overwrite=true"]  # a rerun retrains in place
     rows, results = [], {}

@@ -1,6 +1,6 @@
 """guard-fast bench: time per training iteration and peak memory of every squeeze objective, side by side.
 
-One process: `guard-fast bench --config configs/bench-cpu.toml`. N ranks (DeepSpeed engine, gloo on CPU):
+One process: `guard-fast bench --config configs/bench/cpu.toml`. N ranks (DeepSpeed engine, gloo on CPU):
 `deepspeed --num_gpus N launchers/bench.py --config ...` (or torchrun); rank 0 writes per-rank and aggregate images/s.
 """
 

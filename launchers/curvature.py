@@ -1,7 +1,7 @@
 """Curvature: input-Hessian eigenvalues, GUARD's finite-difference curvature, gradient norms and gradient/eigenvector
 cosines at real val images, per checkpoint (paper Fig. 2).
 
-    guard-fast curvature --config configs/curvature-digits.toml --checkpoints=a.pt,b.pt [--labels=GUARD,SRe2L]
+    guard-fast curvature --config configs/digits/curvature.toml --checkpoints=a.pt,b.pt [--labels=GUARD,SRe2L]
     torchrun --nproc_per_node N launchers/curvature.py ...   |   python launchers/curvature.py ...
 
 Writes output.dir/{curvature.json, curvature.md, curvature.png} (rank 0).

@@ -1,6 +1,6 @@
 """DC: condense the train split by gradient matching (guard=true: GUARD(DC), paper Algorithm 1).
 
-    guard-fast dc --config configs/dc-digits-ipc10.toml [--section.key=value ...]
+    guard-fast dc --config configs/digits/dc.toml [--section.key=value ...]
     torchrun --nproc_per_node N launchers/dc.py ...   |   deepspeed --num_gpus N launchers/dc.py ...
 """
 

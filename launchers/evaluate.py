@@ -1,6 +1,6 @@
 """Evaluate: clean, PGD-100, Square, AutoAttack, CW and MIM accuracy of checkpoints, with a report.
 
-    guard-fast evaluate --config configs/evaluate-digits.toml --checkpoints=a.pt,b.pt [--labels=GUARD,SRe2L]
+    guard-fast evaluate --config configs/digits/evaluate.toml --checkpoints=a.pt,b.pt [--labels=GUARD,SRe2L]
     torchrun --nproc_per_node N launchers/evaluate.py ...   |   python launchers/evaluate.py ...
 
 Writes output.dir/{evaluation.json, evaluation.md, robustness.png} (rank 0).

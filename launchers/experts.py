@@ -1,6 +1,6 @@
 """Experts: train the expert trajectories (MTT's buffer) that MTT and TESLA match.
 
-    guard-fast experts --config configs/experts-digits.toml
+    guard-fast experts --config configs/digits/experts.toml
     torchrun --nproc_per_node N launchers/experts.py ...   |   deepspeed --num_gpus N launchers/experts.py ...
 """
 

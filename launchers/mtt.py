@@ -1,6 +1,6 @@
 """MTT / TESLA: distill a synthetic set by matching the expert buffer's trajectories.
 
-    guard-fast mtt --config configs/mtt-digits.toml [--method=tesla --labels=expert]
+    guard-fast mtt --config configs/digits/mtt.toml [--method=tesla --labels=expert]
     torchrun --nproc_per_node N launchers/mtt.py ...   |   deepspeed --num_gpus N launchers/mtt.py ...
 """
 

@@ -1,6 +1,6 @@
 """Pipeline: squeeze -> recover -> relabel -> train -> evaluate for every method and IPC, cached and resumable.
 
-    guard-fast pipeline --config configs/demo.toml [--force=recover,train] [--section.key=value ...]
+    guard-fast pipeline --config configs/digits/demo.toml [--force=recover,train] [--section.key=value ...]
     torchrun --nproc_per_node N launchers/pipeline.py ...   |   deepspeed --num_gpus N launchers/pipeline.py ...
 """
 

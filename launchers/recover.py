@@ -1,6 +1,6 @@
 """Recover: synthesize a distilled image set from a teacher by BatchNorm-statistics matching.
 
-    guard-fast recover --config configs/recover-digits.toml --model.checkpoint=runs/squeeze/teacher.pt
+    guard-fast recover --config configs/digits/recover.toml --model.checkpoint=runs/squeeze/teacher.pt
     torchrun --nproc_per_node N launchers/recover.py ...   |   deepspeed --num_gpus N launchers/recover.py ...
 """
 

@@ -1,6 +1,6 @@
 """Relabel: store the teacher's soft labels on replayable FKD views of a recovered image set.
 
-    guard-fast relabel --config configs/relabel-digits.toml [--section.key=value ...]
+    guard-fast relabel --config configs/digits/relabel.toml [--section.key=value ...]
     torchrun --nproc_per_node N launchers/relabel.py ...   |   deepspeed --num_gpus N launchers/relabel.py ...
 """
 

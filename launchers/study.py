@@ -1,6 +1,6 @@
 """Study: the paper's tables on the bundled digits over several seeds, with paired statistics; cached and resumable.
 
-    guard-fast study --config configs/study-digits.toml [--quick] [--report_only] [--key=value ...]
+    guard-fast study --config configs/digits/study.toml [--quick] [--report_only] [--key=value ...]
     torchrun --nproc_per_node N launchers/study.py ...   (every stage distributes itself)
 """
 

@@ -1,6 +1,6 @@
 """Train: a fresh student on the distilled set with soft labels (stored or online).
 
-    guard-fast train --config configs/train-digits.toml [--section.key=value ...]
+    guard-fast train --config configs/digits/train.toml [--section.key=value ...]
     torchrun --nproc_per_node N launchers/train.py ...   |   deepspeed --num_gpus N launchers/train.py ...
 """
 

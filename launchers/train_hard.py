@@ -1,6 +1,6 @@
 """Train-hard: a fresh network on a distilled set with its hard labels (DC / MTT evaluation protocol).
 
-    guard-fast train-hard --config configs/dc-digits.toml [--section.key=value ...]
+    guard-fast train-hard --config configs/digits/pipeline-dc.toml [--section.key=value ...]
     torchrun --nproc_per_node N launchers/train_hard.py ...   |   deepspeed --num_gpus N launchers/train_hard.py ...
 """
 

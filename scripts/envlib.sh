@@ -1,4 +1,4 @@
-# Functions scripts/setup.sh uses (sourced; tests/test_reliability.py calls them on the current environment).
+# Functions scripts/setup.sh uses (sourced; tests/launchers/test_reliability.py calls them on the current environment).
 #
 # One dependency environment per dependency spec is shared by every checkout (~6 GB, built once); each checkout gets
 # its own small `.venv` layered on it, so `.venv/bin/python`, `guard-fast`, `torchrun` and `deepspeed` import that

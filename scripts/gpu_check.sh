@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # make gpu-check: the CUDA path in one short, prepared run (target < 8 min on one H100; no network needed).
-#   1. kernels  - tests/test_kernels.py -k cuda: the compiled Triton kernel vs its torch reference
+#   1. kernels  - tests/kernels/test_pack_perturbed.py -k cuda: the compiled Triton kernel vs its torch reference
 #                 (fp32/bf16/fp16, channels_last; the 10 cases skip without CUDA and must pass with it)
 #   2. squeeze  - 1-GPU DeepSpeed squeeze of the ImageNet-1K GUARD preset in bf16 with model.compile=true on synthetic
 #                 224 px ImageNet-shaped JPEGs through FFCV (bench/toy_imagenet.py -> guard-fast data to-ffcv)
-#   3. bench    - guard-fast bench --config configs/bench-gpu.toml with few repetitions (plain, every GUARD strategy
+#   3. bench    - guard-fast bench --config configs/bench/gpu.toml with few repetitions (plain, every GUARD strategy
 #                 eager and compiled, pgd-at K=10, guard-curvature) -> bench/results/gpu-<device>.{json,md,png}
 # Each step has its own time limit, prints its wall time, and a failing step does not stop the next one; the summary
 # (step, status, seconds, device) goes to $OUT/summary.md and, on a GPU, to bench/results/gpu-check-<device>.md.
@@ -75,7 +75,7 @@ step() {
 }
 
 # Only the compiled (CUDA) cases: the interpreter cases run in `make test` on any machine.
-step kernels 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k cuda -rs
+step kernels 90 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_pack_perturbed.py -k cuda -rs
 if [[ "$DRY" != 1 ]] && ! grep -qE "^10 passed" <(tail -n 1 "$OUT/kernels.log"); then
     FAILED=1  # on a GPU all 10 compiled cases must run and pass, not skip
     echo "| kernels: expected '10 passed', got '$(tail -n 1 "$OUT/kernels.log")' | FAIL | | |" >>"$SUMMARY"
@@ -86,12 +86,12 @@ step data 60 bash -c "\"$PY\" -m bench.toy_imagenet --out \"$DATA/folders\" --cl
     --val 2 && for s in train val; do \"$PY\" -m launchers.cli data to-ffcv --src \"$DATA/folders/\$s\" \
     --out \"$DATA/\$s.beton\" --mode jpg --workers $WORKERS || exit 1; done"
 
-step squeeze 150 "$PY" launchers/squeeze.py --config configs/squeeze-imagenet-1k-guard.toml "${DEV_ARGS[@]}" \
+step squeeze 150 "$PY" launchers/squeeze.py --config configs/imagenet-1k/squeeze-guard.toml "${DEV_ARGS[@]}" \
     --data.path="$DATA" --data.batch_size=$BATCH --data.eval_batch_size=$BATCH --data.workers=$WORKERS \
     --model.width=$WIDTH --model.compile=true --optim.epochs=$EPOCHS --output.dir="$OUT/squeeze" \
     --output.log_every=1 --output.progress=false
 
-step bench 180 "$PY" -m launchers.cli bench --config configs/bench-gpu.toml "${DEV_ARGS[@]}" \
+step bench 180 "$PY" -m launchers.cli bench --config configs/bench/gpu.toml "${DEV_ARGS[@]}" \
     --bench.objectives=none,guard,guard-curvature,pgd-at --bench.image_size=$BENCH_PX \
     --bench.batch_size=$BENCH_BATCH --bench.reps=$REPS --bench.warmup=$WARMUP \
     --bench.name="gpu-$SLUG" --bench.out_dir="$RESULTS" --model.width=$WIDTH

@@ -1,15 +1,48 @@
-"""Shared fixtures: the bundled digits data (prepared once per session) and tiny models."""
+"""Shared fixtures: the bundled digits (prepared once per session), digits subsets, tiny models, and the toy SRe2L
+chain (teacher -> recovered set -> relabeled set) that several areas test against.
+
+Markers (pyproject.toml): `subprocess` (starts a process: a launcher, torchrun, deepspeed), `multirank` (several ranks),
+`slow`. `make test-fast` runs everything else, in-process and under two minutes; `make test` runs all of it (CI).
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from guard_fast.runtime.config import DataConfig, load_config
+from guard_fast.runtime.distributed import DistInfo
+
 REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+ONE = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+"""one CPU process, for calling a stage's run function in-process"""
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for launching the project's scripts in subprocesses (single-threaded, repo importable)."""
+    env = dict(os.environ)
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(k, None)  # left by an in-process 1-rank group (engine.ensure_process_group); the child makes its own
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def copy_subset(digits_dir: Path, root: Path, per_class: dict[str, int]) -> Path:
+    """The first per_class[split] images of every class of each split, copied under root."""
+    for split, k in per_class.items():
+        for c in sorted(p.name for p in (digits_dir / split).iterdir()):
+            dst = root / split / c
+            dst.mkdir(parents=True)
+            for p in sorted((digits_dir / split / c).iterdir())[:k]:
+                shutil.copy(p, dst / p.name)
+    return root
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +53,21 @@ def digits_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("digits")
     prepare_digits(root, size=32, val_fraction=0.2, seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def digits_subset(digits_dir, tmp_path_factory):
+    """digits_subset(train, val): the first `train` / `val` images of every class, copied once per session per size
+    (read-only for tests: copy it again with copy_subset to damage it)."""
+    made: dict[tuple[int, int], Path] = {}
+
+    def get(train: int, val: int) -> Path:
+        if (train, val) not in made:
+            made[train, val] = copy_subset(digits_dir, tmp_path_factory.mktemp(f"digits_{train}_{val}"),
+                                           {"train": train, "val": val})
+        return made[train, val]
+
+    return get
 
 
 @pytest.fixture
@@ -35,27 +83,48 @@ def tiny_model():
     return make
 
 
-def subprocess_env() -> dict[str, str]:
-    """Environment for launching the project's scripts in subprocesses (single-threaded, repo importable)."""
-    env = dict(os.environ)
-    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        env.pop(k, None)  # left by an in-process 1-rank group (engine.ensure_process_group); the child makes its own
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
+# ---------------------------------------------------------------------------------------------------------------
+# The toy SRe2L chain (tests/chain.py runs the stages)
 
 
-PYTHON = sys.executable
+@pytest.fixture(scope="session")
+def teacher(digits_dir, tmp_path_factory) -> Path:
+    """A width-4 teacher whose BatchNorm running statistics come from real digits (16 px)."""
+    from guard_fast.data import build_loader
+    from guard_fast.data.presets import DATASETS
+    from guard_fast.models import build_model, save_checkpoint
+
+    spec = DATASETS["digits"]
+    torch.manual_seed(0)
+    model = build_model("resnet18-cifar", 10, spec.mean, spec.std, width=4)
+    cfg = load_config(DataConfig, None,
+                      [f"--path={digits_dir}", "--image_size=16", "--workers=0", "--batch_size=128"])
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the batches below
+    with torch.no_grad():
+        for i, (x, _) in enumerate(build_loader(cfg, "train", seed=0)):
+            if i == 4:
+                break
+            model.train()(x)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    save_checkpoint(model, path)
+    return path
 
 
-def copy_subset(digits_dir: Path, root: Path, per_class: dict[str, int]) -> Path:
-    """The first per_class[split] images of every class of each split, copied under root."""
-    import shutil
+@pytest.fixture(scope="session")
+def recovered(digits_dir, teacher, tmp_path_factory) -> Path:
+    from tests import chain
 
-    for split, k in per_class.items():
-        for c in sorted(p.name for p in (digits_dir / split).iterdir()):
-            dst = root / split / c
-            dst.mkdir(parents=True)
-            for p in sorted((digits_dir / split / c).iterdir())[:k]:
-                shutil.copy(p, dst / p.name)
-    return root
+    out = tmp_path_factory.mktemp("recovered")
+    chain.recover(digits_dir, teacher, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def relabeled(digits_dir, teacher, recovered, tmp_path_factory) -> Path:
+    from tests import chain
+
+    out = tmp_path_factory.mktemp("relabeled")
+    chain.relabel(digits_dir, teacher, recovered, out)
+    return out

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PYTHON, REPO, copy_subset, subprocess_env
+from tests.conftest import PYTHON, REPO, subprocess_env
 
 COLUMNS = ("Clean", "PGD100", "Square", "AutoAttack", "CW", "MIM")
 
@@ -29,9 +29,9 @@ def tiny(data: Path, out: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def small_digits(digits_dir, tmp_path_factory) -> Path:
+def small_digits(digits_subset) -> Path:
     """10 classes x 16 train / 4 val images."""
-    return copy_subset(digits_dir, tmp_path_factory.mktemp("pipe_digits"), {"train": 16, "val": 4})
+    return digits_subset(16, 4)
 
 
 def pipeline(data: Path, out: Path, *extra: str, wait: bool = True):

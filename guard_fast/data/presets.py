@@ -29,7 +29,7 @@ class DatasetSpec:
 
 DATASETS = {
     # scikit-learn's 1,797 8x8 handwritten digits, upscaled (guard-fast data prepare-digits). Mean/std measured on
-    # the 32 px train split written by prepare-digits (tests/test_data.py re-measures them).
+    # the 32 px train split written by prepare-digits (tests/data/test_data.py re-measures them).
     "digits": DatasetSpec("digits", 10, 32, (0.3095,) * 3, (0.3489,) * 3, 1.0, "resnet18-cifar"),
     "imagenette": DatasetSpec("imagenette", 10, 224, IMAGENET_MEAN, IMAGENET_STD, 0.875, "resnet18"),
     # SRe2L's Tiny-ImageNet statistics; its validation images are used at their native 64 px.

@@ -13,7 +13,7 @@ are kept). `tesla_grads` is TESLA's computation (Cui et al. 2023, justincui03/te
 accumulates G the images' gradient is sum_i (dL/dg_i)^T dg_i/dX_i, each term recomputed one step at a time
 (memory constant in N). TESLA treats g_i as depending on X_i only: the terms through theta_i's dependence on the
 earlier batches X_j (j < i) and on alpha are dropped, so it equals MTT's gradient for N = 1 and approximates it for
-N > 1. Measured in float64 (depth-2 width-4 ConvNet, 8 px, 6 images, batches of 3; tests/test_mtt.py), relative
+N > 1. Measured in float64 (depth-2 width-4 ConvNet, 8 px, 6 images, batches of 3; tests/distill/test_mtt.py), relative
 L2 difference of the image gradient TESLA vs MTT: alpha 0.01: 7.9e-3 / 2.2e-2 / 4.8e-2 / 0.11 for N = 2 / 5 / 10 /
 20 (cosine >= 0.993); alpha 0.1: 8.7e-2 / 0.25 / 0.55 / 0.65 (cosine 0.996 / 0.970 / 0.851 / 0.761). The gap grows
 with alpha and N, as the dropped terms are alpha * Hessian products. N = 1: equal to 4e-16.
