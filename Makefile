@@ -2,13 +2,19 @@
 PY := .venv/bin/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test demo bench gpu-check clean
+.PHONY: setup test test-fast demo bench gpu-check clean
 
 setup:
 	@bash scripts/setup.sh
 
+# Everything, what CI runs (.ci/run): < 20 min on 2 cores.
 test: setup
 	$(PY) -m pytest tests
+
+# The in-process lane: no subprocess, no multi-rank, no slow test (< 2 min on 2 cores); tests/conftest.py fails a
+# test that launches Python without its `subprocess` marker, so this lane stays what it says.
+test-fast: setup
+	$(PY) -m pytest tests -m "not subprocess and not multirank and not slow"
 
 # GUARD vs SRe2L end to end on the bundled digits (configs/digits/demo.toml); writes runs/demo/report.md and refreshes
 # the README's demo block. Cached: a rerun skips finished stages.

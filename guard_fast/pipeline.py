@@ -1,26 +1,23 @@
 """Every registered distillation method, cached and resumable: its stages, then evaluate, per method and IPC.
 
-`runs/<name>/teachers/<objective>` (squeeze, shared by the methods using that teacher),
-`runs/<name>/<method slug>/ipc<k>/{recover,relabel,train,evaluate}` (the method's stages; see guard_fast/methods), then
-`report.md`, `results.json`, `robustness.png` at the top. Each stage is a `StageRunner` stage keyed by its resolved
-config and its inputs' completion ids (guard_fast/runtime/stagecache.py): unchanged stages are skipped, `force` reruns
-a stage kind, an interrupted stage resumes from its own checkpoints. Every rank runs this function; each stage distributes itself.
+The pipeline knows no method: its config class is the shared sections plus the sections the registered methods
+declare (guard_fast/methods), and each method plans its own stages. Folders: `runs/<name>/<method slug>/ipc<k>/<stage>`
+per chain (stages shared by several chains, such as a teacher, live where the method puts them), then `report.md`,
+`results.json`, `robustness.png` at the top. Each stage is a `StageRunner` stage keyed by its resolved config and its
+inputs' completion ids (guard_fast/runtime/stagecache.py): unchanged stages are skipped, `force` reruns a stage kind,
+an interrupted stage resumes from its own checkpoints. Every rank runs this function; each stage distributes itself.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guard_fast.distill.dc import DCConfig
-from guard_fast.distill.experts import ExpertsConfig
-from guard_fast.distill.mtt import MTTConfig
-from guard_fast.distill.recover import RecoverConfig
-from guard_fast.distill.relabel import RelabelConfig
-from guard_fast.methods import Stage, resolve, stage_config
+from guard_fast.methods import METHODS, Method, Stage, describe_methods, resolve, sections, stage_config, used_sections
 from guard_fast.robustness.curvature import PipelineCurvatureConfig, combine, run_curvature, write_outputs
 from guard_fast.robustness.evaluate import EvaluateConfig, run_evaluate
 from guard_fast.robustness.report import bar_chart, evaluation_rows, metrics_table, results_table
@@ -31,53 +28,32 @@ from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.io import atomic_json, atomic_text
 from guard_fast.runtime.rundir import RunDir
 from guard_fast.runtime.stagecache import StageRecord, StageRunner
-from guard_fast.squeeze.stage import SqueezeConfig
-from guard_fast.student.hard import HardTrainConfig
-from guard_fast.student.kd import TrainConfig
 
 UNKEYED = ("output", "stop_after", "resume")  # fields that do not change a stage's result
 
 
 @dataclass
-class PipelineConfig:
+class PipelineBase:
+    """The sections every pipeline has; PipelineConfig adds one section per registered method section."""
+
     data: DataConfig = field(default_factory=DataConfig)
     """the real dataset, shared by every stage"""
     dist: DistConfig = field(default_factory=DistConfig)
     """shared by every stage"""
     output: OutputConfig = field(default_factory=lambda: OutputConfig(dir="runs/pipeline"))
     """output.dir holds one folder per method plus report.md; log/progress settings apply to every stage"""
-    methods: list[str] = field(default_factory=lambda: ["sre2l:teacher=guard", "sre2l:teacher=none"])
-    """distillation methods to compare, `name` or `name:key=value:...`: sre2l (teacher = any squeeze objective;
-    teacher=guard is GUARD, none SRe2L, pgd-at SRe2L+Adv), cda (teacher, curriculum, milestone), dc (guard=true is
-    GUARD(DC)), mtt, tesla (labels = expert or hard); label=NAME renames"""
+    methods: list[str] = field(default_factory=list)
+    """distillation methods to compare, `name` or `name:key=value:...` (label=NAME renames); see guard_fast/methods"""
     ipc: list[int] = field(default_factory=lambda: [10])
     """images per class of the distilled sets (one chain of stages each)"""
     force: list[str] = field(default_factory=list)
     """stage kinds to rerun even when cached (squeeze, recover, relabel, train, evaluate, ...)"""
-    squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
-    """teacher training; squeeze.objective.name is set per method, squeeze.model is also the teacher elsewhere"""
-    recover: RecoverConfig = field(default_factory=RecoverConfig)
-    """synthesis (recover.ipc is set per IPC; the teacher comes from squeeze; cda sets the curriculum)"""
-    relabel: RelabelConfig = field(default_factory=RelabelConfig)
-    """soft labels (views and epochs follow train.views and train.optim.epochs)"""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """the student (train.model); soft_labels = 'online' skips the relabel stage"""
-    dc: DCConfig = field(default_factory=DCConfig)
-    """DC / GUARD(DC) gradient matching (dc.ipc is set per IPC, dc.guard by the method option)"""
-    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
-    """MTT/TESLA's expert buffer (shared by both methods and every IPC)"""
-    mtt: MTTConfig = field(default_factory=MTTConfig)
-    """MTT/TESLA's trajectory matching (method, labels, ipc, buffer and the network are set per method)"""
-    train_hard: HardTrainConfig = field(default_factory=HardTrainConfig)
-    """the ConvNet trained on a DC / MTT / TESLA set (images, lr_from_set and labels are set per method)"""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     """attacks and the evaluation subset (evaluate.model follows each method's student)"""
     curvature: PipelineCurvatureConfig = field(default_factory=PipelineCurvatureConfig)
     """optional input-Hessian curvature stages after evaluate (curvature.enabled, curvature.models; off by default)"""
 
     def validate(self) -> None:
-        if not self.methods:
-            raise ConfigError("methods: give one or more distillation methods, e.g. sre2l:teacher=guard")
         specs = [resolve(m)[1] for m in self.methods]
         if len(set(specs)) != len(specs):
             raise ConfigError(f"methods = {self.methods}: listed twice")
@@ -88,6 +64,23 @@ class PipelineConfig:
         unknown = sorted(set(self.force) - kinds)
         if unknown:
             raise ConfigError(f"force = {unknown}: valid stages are {', '.join(sorted(kinds))}")
+
+
+def config_class(methods: dict[str, Method] = METHODS) -> type:
+    """PipelineBase plus one field per section the methods declare (`[squeeze]`, `[dc]`, `[train_hard]`, ...)."""
+    secs = sections(methods)
+    cls = dataclasses.make_dataclass(
+        "PipelineConfig", [(s.name, s.config, field(default_factory=s.config)) for s in secs.values()],
+        bases=(PipelineBase,))
+    cls.__module__, cls.__qualname__ = __name__, "PipelineConfig"
+    cls.__doc__ = "Every registered method's settings in one config: the shared sections plus the methods' sections."
+    cls.__field_docs__ = {s.name: s.doc for s in secs.values()}
+    cls.__field_docs__["methods"] = (f"distillation methods to compare, `name` or `name:key=value:...` (label=NAME "
+                                     f"renames); registered: {describe_methods()}")
+    return cls
+
+
+PipelineConfig = config_class()
 
 
 def evaluate_stage(cfg: PipelineConfig, student: Stage, label: str, folder: Path) -> Stage:
@@ -118,7 +111,8 @@ def curvature_stages(cfg: PipelineConfig, stages: list[Stage], label: str, root:
     out = []
     if "teachers" in cfg.curvature.models:
         out += [curvature_stage(cfg, s, "teacher", s.config.model, f"{s.folder.name} teacher", "teachers",
-                                root / "curvature" / f"teacher-{s.folder.name}") for s in stages if s.kind == "squeeze"]
+                                root / "curvature" / f"teacher-{s.folder.name}")
+                for s in stages if "teacher" in s.outputs]
     if "students" in cfg.curvature.models:
         student = next(s for s in stages if s.folder == stages[-1].inputs[0])  # what evaluate (last) attacks
         out.append(curvature_stage(cfg, student, "student", student.config.model, label, "students",
@@ -128,6 +122,9 @@ def curvature_stages(cfg: PipelineConfig, stages: list[Stage], label: str, root:
 
 def plan_pipeline(cfg: PipelineConfig, root: Path) -> list[tuple[str, int, list[Stage]]]:
     """(display label, ipc, stages ending with evaluate) per method and IPC, in run order."""
+    if not cfg.methods:  # empty is valid in a template (the study sets methods per cell), not in a run
+        raise ConfigError("methods: give one or more distillation methods, e.g. --methods=sre2l:teacher=guard "
+                          f"(registered: {describe_methods()})")
     chains = []
     for text in cfg.methods:
         method, spec, opts = resolve(text)
@@ -189,46 +186,9 @@ def run_pipeline(cfg: PipelineConfig, info: DistInfo) -> dict[str, Any]:
     return summary
 
 
-def method_kinds(methods: list[str]) -> set[str]:
-    """The stage kinds the methods run (their registry entries' kinds)."""
-    return {k for m in methods for k in resolve(m)[0].kinds}
-
-
-def stage_settings_lines(cfg: PipelineConfig, kinds: set[str]) -> list[str]:
-    """One report line per configuration section that a stage of these kinds reads (the SRe2L sections, DC, the
-    experts and matching, the hard-label student)."""
-    sq, rc, tr, dc, th, ex, mt = cfg.squeeze, cfg.recover, cfg.train, cfg.dc, cfg.train_hard, cfg.experts, cfg.mtt
-    lines = []
-    if "squeeze" in kinds:
-        lines.append(f"- squeeze: {sq.model.arch} width {sq.model.width}, {sq.optim.name} lr {sq.optim.lr}, "
-                     f"{sq.optim.epochs} epochs, batch {cfg.data.batch_size}/rank; GUARD h {sq.objective.h}, beta "
-                     f"{sq.objective.beta}, strategy {sq.objective.strategy}")
-    if "recover" in kinds:
-        lines.append(f"- recover: {rc.iterations} iterations, lr {rc.lr}, r_bn {rc.r_bn}, jitter {rc.jitter} px, CDA "
-                     f"{rc.curriculum}")
-    if "train" in kinds:
-        lines.append(f"- relabel/train: student {tr.model.arch} width {tr.model.width}, {tr.optim.name} lr "
-                     f"{tr.optim.lr}, {tr.optim.epochs} epochs, batch {tr.views.batch_size}, T {tr.temperature}, "
-                     f"soft labels {tr.soft_labels}")
-    if "dc" in kinds:
-        loops = 'table by IPC' if not (dc.outer_loop and dc.inner_loop) else f'{dc.outer_loop}/{dc.inner_loop}'
-        lines.append(f"- dc: {dc.model.arch} width {dc.model.width}, {dc.iterations} outer iterations, loops {loops}, "
-                     f"init {dc.init}, lr_img {dc.lr_img}, lr_net {dc.lr_net}, batch_real {dc.batch_real}; GUARD(DC) "
-                     f"lam {dc.lam}, h {dc.h} ([0,1] pixels, sign direction)")
-    if "experts" in kinds:
-        lines.append(f"- experts: {ex.num_experts} x {ex.epochs} epochs, {ex.model.arch} width {ex.model.width}, sgd "
-                     f"lr {ex.lr}, batch {ex.batch_size}, augment {ex.augment}")
-    if "mtt" in kinds:
-        lines.append(f"- mtt/tesla: {mt.iterations} iterations of {mt.syn_steps} steps (batch "
-                     f"{mt.batch_syn or 'all'}), expert_epochs {mt.expert_epochs}, max_start_epoch "
-                     f"{mt.max_start_epoch}, lr_img {mt.lr_img}, lr_lr {mt.lr_lr}, lr_teacher {mt.lr_teacher}, "
-                     f"augment {mt.augment}")
-    if "train-hard" in kinds:
-        lines.append(f"- train-hard: {th.model.arch} width {th.model.width}, {th.optim.name} lr {th.optim.lr} "
-                     f"({th.optim.schedule}; MTT/TESLA: the learned lr), wd {th.optim.weight_decay} on "
-                     f"{th.optim.weight_decay_on}, {th.optim.epochs} epochs, batch {th.batch_size}, augment "
-                     f"{th.augment}")
-    return lines
+def section_lines(cfg: Any, methods: list[str]) -> list[str]:
+    """One report line per config section that the listed methods read (each section's own summary)."""
+    return [s.summary(getattr(cfg, s.name), cfg) for s in used_sections(methods) if s.summary]
 
 
 def settings_lines(cfg: PipelineConfig, evaluation: dict[str, Any]) -> list[str]:
@@ -239,7 +199,7 @@ def settings_lines(cfg: PipelineConfig, evaluation: dict[str, Any]) -> list[str]
                  + (f" (seeded subset, seed {ds['subset_seed']})" if ds["images"] < ds["split_images"] else ""))
     attacks = "- attacks: " + "; ".join(f"{k} " + ", ".join(f"{a} {b}" for a, b in v.items())
                                         for k, v in evaluation["attacks"].items())
-    return [data_line, *stage_settings_lines(cfg, method_kinds(cfg.methods)), attacks,
+    return [data_line, *section_lines(cfg, cfg.methods), attacks,
             *[f"- {n}" for n in evaluation["notes"]]]
 
 

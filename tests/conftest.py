@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,6 +33,45 @@ def subprocess_env() -> dict[str, str]:
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+LAUNCHERS = ("python", "torchrun", "deepspeed")
+
+
+def _guard_launches(message: str):
+    """Patch subprocess.Popen so launching Python (a launcher, torchrun, deepspeed) raises `message`; other
+    programs (git) still run. Returns the original __init__."""
+    real = subprocess.Popen.__init__
+
+    def guarded(self, args, *a, **k):
+        first = Path(str(args[0] if isinstance(args, (list, tuple)) else str(args).split()[0])).name
+        if first.startswith(LAUNCHERS) or first == Path(PYTHON).name:
+            raise AssertionError(f"{message} (it starts {first!r})")
+        real(self, args, *a, **k)
+
+    subprocess.Popen.__init__ = guarded
+    return real
+
+
+def pytest_configure(config):
+    """In the fast lane (`-m "not subprocess ..."`) nothing may launch Python, fixtures of any scope included."""
+    if "not subprocess" in (config.getoption("markexpr") or ""):
+        _guard_launches("the fast lane launched Python: mark the tests using this test or fixture "
+                        "@pytest.mark.subprocess")
+
+
+@pytest.fixture(autouse=True)
+def _processes_are_marked(request):
+    """A test that launches Python must carry @pytest.mark.subprocess, so the fast lane really runs in-process
+    (fixtures of a wider scope run before this guard; the fast lane's session-wide guard covers them)."""
+    if request.node.get_closest_marker("subprocess") is not None:
+        yield
+        return
+    real = _guard_launches(f"{request.node.nodeid}: mark it @pytest.mark.subprocess")
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__ = real
 
 
 def copy_subset(digits_dir: Path, root: Path, per_class: dict[str, int]) -> Path:

@@ -1,9 +1,13 @@
-"""What a distillation method is, for the pipeline: the stages it runs, how they are wired, and its report label.
+"""What a distillation method is, for the pipeline: its config sections, the stages it runs and how they are wired,
+and its report label.
 
 A pipeline entry names a registered method and its options, `name` or `name:key=value:key=value`
-(`sre2l:teacher=guard`, `cda:teacher=guard:curriculum=linear`). `Method.plan` returns the method's stages for one IPC, in run order, the
-last one writing the student checkpoint (output "student"); the pipeline runs them cached and resumable and adds the
-evaluate stage. Stages whose folder is the same (a teacher shared by SRe2L and CDA) run once.
+(`sre2l:teacher=guard`, `cda:teacher=guard:curriculum=linear`). A method declares the pipeline config sections it
+reads (`Section`: `[dc]`, `[train_hard]`, ...; a section shared by several methods is one `Section` object listed by
+each); the pipeline's config class is built from the registered methods' sections, so the pipeline never names a
+method or a section of one. `Method.plan` returns the method's stages for one IPC, in run order, the last one writing
+the student checkpoint (output "student"); the pipeline runs them cached and resumable and adds the evaluate stage.
+Stages whose folder is the same (a teacher shared by SRe2L and CDA) run once.
 """
 
 from __future__ import annotations
@@ -12,14 +16,30 @@ import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from guard_fast.runtime.config import OutputConfig
 from guard_fast.runtime.distributed import DistInfo
 from guard_fast.runtime.errors import ConfigError
 
-if TYPE_CHECKING:
-    from guard_fast.pipeline import PipelineConfig
+# `cfg` in this package is the pipeline's config: shared sections `data`, `dist`, `output`, `evaluate`, `curvature`
+# plus one attribute per registered `Section` (guard_fast/pipeline.py builds its class from the registry).
+PipelineCfg = Any
+
+
+@dataclass(frozen=True)
+class Section:
+    """A pipeline config section a method reads: `[name]` in a pipeline TOML, an instance of `config` (a stage's
+    config dataclass, whose data/dist/output the pipeline fills in per stage)."""
+
+    name: str
+    """the key in the pipeline config (`[dc]`, `--dc.iterations=...`)"""
+    config: type
+    """the dataclass of the section (its defaults are the section's defaults)"""
+    doc: str
+    """one line for `--help`: what the section sets and what the method fills in per stage"""
+    summary: Callable[[Any, PipelineCfg], str] | None = None
+    """(section, pipeline config) -> one line of the report's settings (None: no line)"""
 
 
 @dataclass
@@ -72,8 +92,12 @@ class Method:
     kinds: tuple[str, ...]
     """stage kinds the method runs (for --force validation)"""
     label: Callable[[dict[str, str]], str]
-    plan: Callable[[PipelineConfig, dict[str, str], int, Path], list[Stage]]
+    plan: Callable[[PipelineCfg, dict[str, str], int, Path], list[Stage]]
     """(pipeline config, options, ipc, chain folder root/<slug>/ipc<k>) -> the stages, in run order"""
+    sections: tuple[Section, ...] = ()
+    """the pipeline config sections the method's stages read"""
+    knobs: dict[str, str] = field(default_factory=dict)
+    """study knob -> the options of this method whose selection runs tune it (e.g. guard -> 'teacher=guard')"""
 
     def check(self, spec: MethodSpec) -> dict[str, str]:
         opts = dict(spec.options)
@@ -90,7 +114,7 @@ class Method:
         return opts.get("label") or self.label(opts)
 
 
-def stage_config(cfg: PipelineConfig, section: str, folder: Path) -> Any:
+def stage_config(cfg: PipelineCfg, section: str, folder: Path) -> Any:
     """A copy of pipeline section `section` with the shared data/dist sections and output settings, writing to
     `folder`."""
     stage = copy.deepcopy(getattr(cfg, section))

@@ -8,17 +8,25 @@ the curvature term to the matched real-batch loss.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from guard_fast.distill.dc import run_dc
-from guard_fast.methods.base import Method, Stage, stage_config
+from guard_fast.distill.dc import DCConfig, run_dc
+from guard_fast.methods.base import Method, PipelineCfg, Section, Stage, stage_config
+from guard_fast.methods.students import TRAIN_HARD
 from guard_fast.student.hard import run_train_hard
 
-if TYPE_CHECKING:
-    from guard_fast.pipeline import PipelineConfig
+
+def _summary(dc: DCConfig, cfg: PipelineCfg) -> str:
+    loops = "table by IPC" if not (dc.outer_loop and dc.inner_loop) else f"{dc.outer_loop}/{dc.inner_loop}"
+    return (f"- dc: {dc.model.arch} width {dc.model.width}, {dc.iterations} outer iterations, loops {loops}, init "
+            f"{dc.init}, lr_img {dc.lr_img}, lr_net {dc.lr_net}, batch_real {dc.batch_real}; GUARD(DC) lam {dc.lam}, h "
+            f"{dc.h} ([0,1] pixels, sign direction)")
 
 
-def _dc(cfg: PipelineConfig, opts: dict[str, str], ipc: int, chain: Path) -> list[Stage]:
+DC_SECTION = Section("dc", DCConfig, "DC / GUARD(DC) gradient matching (dc.ipc is set per IPC, dc.guard by the method "
+                     "option)", _summary)
+
+
+def _dc(cfg: PipelineCfg, opts: dict[str, str], ipc: int, chain: Path) -> list[Stage]:
     dc = stage_config(cfg, "dc", chain / "dc")
     dc.ipc, dc.guard = ipc, opts.get("guard", "false") == "true"
     distill = Stage("dc", chain / "dc", dc, run_dc, {"manifest": "manifest.json", "grid": "grid.png"})
@@ -30,4 +38,4 @@ def _dc(cfg: PipelineConfig, opts: dict[str, str], ipc: int, chain: Path) -> lis
 
 DC = Method("dc", "DC: gradient matching on fresh ConvNets, then hard-label training (guard=true: GUARD(DC))",
             {"guard": ("false", "true")}, ("dc", "train-hard"),
-            lambda o: "GUARD(DC)" if o.get("guard", "false") == "true" else "DC", _dc)
+            lambda o: "GUARD(DC)" if o.get("guard", "false") == "true" else "DC", _dc, (DC_SECTION, TRAIN_HARD))

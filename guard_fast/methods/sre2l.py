@@ -6,26 +6,41 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from guard_fast.data.presets import resolve_dataset
 from guard_fast.data.views import ViewConfig
-from guard_fast.distill.recover import CURRICULA, run_recover
-from guard_fast.distill.relabel import run_relabel
-from guard_fast.methods.base import Method, Stage, stage_config
+from guard_fast.distill.recover import CURRICULA, RecoverConfig, run_recover
+from guard_fast.distill.relabel import RelabelConfig, run_relabel
+from guard_fast.methods.base import Method, PipelineCfg, Section, Stage, stage_config
 from guard_fast.runtime.errors import ConfigError
 from guard_fast.squeeze.objectives import OBJECTIVES
-from guard_fast.squeeze.stage import run_squeeze
-from guard_fast.student.kd import run_train
+from guard_fast.squeeze.stage import SqueezeConfig, run_squeeze
+from guard_fast.student.kd import TrainConfig, run_train
 
-if TYPE_CHECKING:
-    from guard_fast.pipeline import PipelineConfig
+SQUEEZE = Section(
+    "squeeze", SqueezeConfig, "teacher training; squeeze.objective.name is set per method (teacher=...), squeeze.model "
+    "is also the teacher of recover and relabel",
+    lambda sq, cfg: (f"- squeeze: {sq.model.arch} width {sq.model.width}, {sq.optim.name} lr {sq.optim.lr}, "
+                     f"{sq.optim.epochs} epochs, batch {cfg.data.batch_size}/rank; GUARD h {sq.objective.h}, beta "
+                     f"{sq.objective.beta}, strategy {sq.objective.strategy}"))
+RECOVER = Section(
+    "recover", RecoverConfig, "synthesis (recover.ipc is set per IPC; the teacher comes from squeeze; cda sets the "
+    "curriculum)",
+    lambda rc, cfg: (f"- recover: {rc.iterations} iterations, lr {rc.lr}, r_bn {rc.r_bn}, jitter {rc.jitter} px, CDA "
+                     f"{rc.curriculum}"))
+RELABEL = Section("relabel", RelabelConfig, "soft labels (views and epochs follow train.views and train.optim.epochs)")
+TRAIN = Section(
+    "train", TrainConfig, "the KD student (train.model); soft_labels = 'online' skips the relabel stage",
+    lambda tr, cfg: (f"- relabel/train: student {tr.model.arch} width {tr.model.width}, {tr.optim.name} lr "
+                     f"{tr.optim.lr}, {tr.optim.epochs} epochs, batch {tr.views.batch_size}, T {tr.temperature}, "
+                     f"soft labels {tr.soft_labels}"))
+SECTIONS = (SQUEEZE, RECOVER, RELABEL, TRAIN)
 
 SRE2L_LABELS = {"none": "SRe2L", "guard": "GUARD", "pgd-at": "SRe2L+Adv"}
 CDA_LABELS = {"none": "CDA", "guard": "GUARD(CDA)"}
 
 
-def teacher_stage(cfg: PipelineConfig, objective: str, root: Path) -> Stage:
+def teacher_stage(cfg: PipelineCfg, objective: str, root: Path) -> Stage:
     """The squeeze stage of a teacher objective; its folder is shared by every method using that teacher."""
     folder = root / "teachers" / objective
     squeeze = stage_config(cfg, "squeeze", folder)
@@ -33,7 +48,7 @@ def teacher_stage(cfg: PipelineConfig, objective: str, root: Path) -> Stage:
     return Stage("squeeze", folder, squeeze, run_squeeze, {"teacher": "teacher.pt"})
 
 
-def chain_views(cfg: PipelineConfig, ipc: int) -> ViewConfig:
+def chain_views(cfg: PipelineCfg, ipc: int) -> ViewConfig:
     """train.views with batch_size capped at the set's size (IPC x classes), so one `ipc = [1, 10, 50]` list runs
     IPC 1 too (relabel and train refuse batches larger than the set)."""
     views = copy.deepcopy(cfg.train.views)
@@ -45,7 +60,7 @@ def chain_views(cfg: PipelineConfig, ipc: int) -> ViewConfig:
     return views
 
 
-def plan_chain(cfg: PipelineConfig, teacher_objective: str, ipc: int, chain: Path, curriculum: str | None = None,
+def plan_chain(cfg: PipelineCfg, teacher_objective: str, ipc: int, chain: Path, curriculum: str | None = None,
                milestone: float | None = None) -> list[Stage]:
     root = chain.parent.parent
     sq = teacher_stage(cfg, teacher_objective, root)
@@ -74,19 +89,20 @@ def plan_chain(cfg: PipelineConfig, teacher_objective: str, ipc: int, chain: Pat
     return stages
 
 
-def _sre2l(cfg: PipelineConfig, opts: dict[str, str], ipc: int, chain: Path) -> list[Stage]:
+def _sre2l(cfg: PipelineCfg, opts: dict[str, str], ipc: int, chain: Path) -> list[Stage]:
     return plan_chain(cfg, opts.get("teacher", "none"), ipc, chain)
 
 
-def _cda(cfg: PipelineConfig, opts: dict[str, str], ipc: int, chain: Path) -> list[Stage]:
+def _cda(cfg: PipelineCfg, opts: dict[str, str], ipc: int, chain: Path) -> list[Stage]:
     milestone = float(opts["milestone"]) if "milestone" in opts else None
     return plan_chain(cfg, opts.get("teacher", "none"), ipc, chain, opts.get("curriculum", "cosine"), milestone)
 
 
 SRE2L = Method("sre2l", "SRe2L: squeeze a teacher, recover images by BatchNorm matching, relabel, train by KD",
                {"teacher": tuple(OBJECTIVES)}, ("squeeze", "recover", "relabel", "train"),
-               lambda o: SRE2L_LABELS.get(o.get("teacher", "none"), f"SRe2L({o.get('teacher')})"), _sre2l)
+               lambda o: SRE2L_LABELS.get(o.get("teacher", "none"), f"SRe2L({o.get('teacher')})"), _sre2l, SECTIONS,
+               {"guard": "teacher=guard", "pgd_at": "teacher=pgd-at", "grad_norm": "teacher=grad-norm"})
 CDA = Method("cda", "CDA: SRe2L with recover's crop curriculum (default cosine; milestone from recover.milestone)",
              {"teacher": tuple(OBJECTIVES), "curriculum": tuple(c for c in CURRICULA if c != "off"),
               "milestone": None}, ("squeeze", "recover", "relabel", "train"),
-             lambda o: CDA_LABELS.get(o.get("teacher", "none"), f"CDA({o.get('teacher')})"), _cda)
+             lambda o: CDA_LABELS.get(o.get("teacher", "none"), f"CDA({o.get('teacher')})"), _cda, SECTIONS)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from guard_fast.runtime.errors import GuardFastError
-from guard_fast.runtime.io import atomic_torch_save
+from guard_fast.runtime.weights import save_checkpoint, unwrap  # noqa: F401 (re-exported)
 
 
 class Classifier(nn.Module):
@@ -38,17 +38,6 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(self.normalize(x))
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DeepSpeed / DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        else:
-            return model
 
 
 def _strip(key: str) -> str:
@@ -92,9 +81,3 @@ def load_checkpoint(model: Classifier, path: str | Path) -> Classifier:
         raise GuardFastError(f"{path} does not match the model: " + "; ".join(parts))
     target.load_state_dict(state, strict=True)
     return model
-
-
-def save_checkpoint(model: nn.Module, path: str | Path) -> Path:
-    """Plain, weights_only-loadable state dict of the unwrapped model (atomic write)."""
-    state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
-    return atomic_torch_save(path, state)

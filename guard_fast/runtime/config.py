@@ -129,11 +129,13 @@ class OutputConfig:
 
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings of a dataclass: {field name: the string literal right under it}."""
+    """Attribute docstrings of a dataclass: {field name: the string literal right under it}; a class made at run time
+    (dataclasses.make_dataclass) gives its fields' docs as a `__field_docs__` dict."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
             continue
+        docs.update(klass.__dict__.get("__field_docs__", {}))  # a class built at run time (no source to parse)
         try:
             tree = ast.parse(inspect.getsource(klass).lstrip())
         except (OSError, TypeError):

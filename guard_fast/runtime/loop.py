@@ -27,7 +27,6 @@ from typing import Any, Iterator
 import torch
 from tqdm import tqdm
 
-from guard_fast.models import save_checkpoint
 from guard_fast.runtime.checkpoint import Checkpointer
 from guard_fast.runtime.config import DistConfig, OutputConfig
 from guard_fast.runtime.distributed import DistInfo
@@ -35,6 +34,7 @@ from guard_fast.runtime.engine import OptimConfig, build_engine, build_optimizer
 from guard_fast.runtime.errors import GuardFastError
 from guard_fast.runtime.io import atomic_json
 from guard_fast.runtime.rundir import RunDir
+from guard_fast.runtime.weights import save_checkpoint
 
 
 @dataclass

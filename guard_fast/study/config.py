@@ -16,15 +16,14 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from guard_fast.methods import resolve
+from guard_fast.methods import knobs, resolve
 from guard_fast.pipeline import PipelineConfig
 from guard_fast.runtime.config import overrides_to_dict, parse_args
 from guard_fast.runtime.errors import ConfigError
 from guard_fast.study.figures import FIGURES
 
-# knob -> the method its selection runs train (one registry dict; a new knob is one entry here + a config field)
-KNOBS: dict[str, str] = {"guard": "sre2l:teacher=guard", "pgd_at": "sre2l:teacher=pgd-at",
-                         "grad_norm": "sre2l:teacher=grad-norm"}
+# knob -> the method entry its selection runs train, from the methods' registry (Method.knobs)
+KNOBS: dict[str, str] = knobs()
 
 
 @dataclass

@@ -12,19 +12,17 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from guard_fast.attacks.suite import settings as attack_settings
-from guard_fast.pipeline import method_kinds, stage_settings_lines
+from guard_fast.pipeline import section_lines
 from guard_fast.robustness.report import COLUMNS, drop_rate, fmt_eps
 from guard_fast.runtime.config import to_dict
 from guard_fast.runtime.io import atomic_json, atomic_text, atomic_write
 from guard_fast.study import stats as S
 from guard_fast.study.config import StudyConfig, parse_pair, parse_row
 from guard_fast.study.figures import FIGURES, FigureContext
-
-if TYPE_CHECKING:
-    from guard_fast.study.run import Plan
+from guard_fast.study.plan import Plan
 
 CLAIMS = {
     "robust": ("Robust accuracy higher", "GUARD's accuracy under attack is higher than the baseline's", +1),
@@ -310,8 +308,7 @@ def header_lines(cfg: StudyConfig, missing: list[str]) -> list[str]:
         f"- data: {pc.data.dataset} at {size} px, students evaluated on "
         + ("the **whole** val split" if ev.num_images == 0 else f"a seeded {ev.num_images}-image subset")
         + f"; seeds {cfg.seeds} (each seed reseeds every stage: teacher, synthesis, labels, student, attacks)",
-        *stage_settings_lines(pc, method_kinds([parse_row(r).method for t in cfg.tables().values()
-                                                for r in t.rows])),
+        *section_lines(pc, [parse_row(r).method for t in cfg.tables().values() for r in t.rows]),
         "- rows with @knob use the values chosen in 'Hyperparameter selection' below in place of the base values "
         "above",
         f"- attacks: {', '.join(COLUMNS[n] for n in ev.attack.names)} at L-inf eps {eps} (CW: L2); "

@@ -172,6 +172,8 @@ def test_config_errors(override, match):
         load_config(BenchConfig, overrides=TINY + [override])
 
 
+@pytest.mark.multirank
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_two_rank_mode_reports_per_rank_and_aggregate(tmp_path):
     """Two CPU ranks (gloo, DeepSpeed engine): rank 0 writes per-rank images/s and their sum."""

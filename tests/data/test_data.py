@@ -160,6 +160,8 @@ teardown()
 """
 
 
+@pytest.mark.multirank
+@pytest.mark.subprocess
 def test_two_gloo_ranks_get_disjoint_shards(digits_dir, beton_dir, tmp_path):
     script = tmp_path / "shards.py"
     script.write_text(SHARD_SCRIPT)
@@ -191,6 +193,7 @@ def small_folder(digits_dir, tmp_path) -> Path:
     return root
 
 
+@pytest.mark.subprocess
 def test_missing_path_errors(tmp_path):
     with pytest.raises(GuardFastError, match="data.path: .*nowhere/train not found"):
         build_loader(DataConfig(path=str(tmp_path / "nowhere")), "train")
@@ -204,6 +207,7 @@ def test_empty_class_folder(small_folder):
         build_loader(DataConfig(dataset="imagefolder", path=str(small_folder), image_size=32), "train")
 
 
+@pytest.mark.subprocess
 def test_truncated_image_named_or_skipped(small_folder, tmp_path):
     bad = small_folder / "val" / "1" / "zz_truncated.png"
     good = next((small_folder / "val" / "1").iterdir()).read_bytes()

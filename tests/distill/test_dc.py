@@ -125,6 +125,8 @@ def test_resume_equals_uninterrupted(small_digits, full_run, tmp_path):
     assert torch.equal(images(out), images(full_run))
 
 
+@pytest.mark.multirank
+@pytest.mark.subprocess
 def test_two_ranks_give_the_same_images(small_digits, full_run, tmp_path):
     """float64: 2 gloo ranks (5 classes each) reproduce the 1-process images to 1e-10."""
     out = tmp_path / "two"
@@ -143,6 +145,7 @@ def one_error(args: list[str]) -> str:
     return lines[0]
 
 
+@pytest.mark.subprocess
 def test_bad_inputs_are_one_line_errors(small_digits, tmp_path):
     assert "ipc = 9 exceeds the 8 train images of class '0'" in one_error(dc_args(small_digits, tmp_path / "a",
                                                                                    "--ipc=9"))
@@ -175,7 +178,7 @@ def test_method_registry_plans_dc_then_train_hard(tmp_path):
 def test_paper_scale_presets(ipc):
     from guard_fast.pipeline import PipelineConfig
 
-    cfg = load_config(PipelineConfig, REPO / f"configs/cifar10/dc-ipc{ipc}.toml")
+    cfg = load_config(PipelineConfig, REPO / f"configs/cifar10/pipeline-dc-ipc{ipc}.toml")
     assert cfg.ipc == [ipc] and cfg.dc.iterations == 1000 and cfg.dc.model.width == 128
     dc = load_config(type(cfg.dc), None, [f"--ipc={ipc}"])
     assert dc.loops() == {1: (1, 1), 10: (10, 50), 50: (50, 10)}[ipc]

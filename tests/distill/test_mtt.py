@@ -179,6 +179,8 @@ def test_buffer_layout_and_training_moves_parameters(buffer):
     assert not torch.equal(trajs[0][0], trajs[1][0])  # experts are seeded differently
 
 
+@pytest.mark.multirank
+@pytest.mark.subprocess
 def test_experts_two_ranks_equal_one_rank_and_resume(small, buffer, tmp_path):
     cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29583",
            str(REPO / "launchers/experts.py"), *stage_args(small, tmp_path / "two"), "--num_experts=3", "--epochs=4",
@@ -218,6 +220,8 @@ def test_distill_resume_equals_uninterrupted(small, buffer, tmp_path, method, la
         torch.testing.assert_close(soft["probs"].sum(1), torch.ones(20))
 
 
+@pytest.mark.multirank
+@pytest.mark.subprocess
 def test_matching_two_ranks_under_deepspeed_equals_one_rank(small, buffer, tmp_path):
     """Two trajectories per iteration: one rank runs both, or the deepspeed launcher's two ranks run one each and
     sum their gradients; the learned lr and the images agree (float32 sums in another order), and so do TESLA's
@@ -240,6 +244,7 @@ def test_matching_two_ranks_under_deepspeed_equals_one_rank(small, buffer, tmp_p
     assert len(load_synthetic(tmp_path / "two", num_classes=10).labels) == 20
 
 
+@pytest.mark.subprocess
 def test_bad_inputs_are_refused_with_one_line(small, buffer, tmp_path):
     with pytest.raises(GuardFastError, match="another dataset or model.*width 4 vs 8"):
         mtt(small, buffer, tmp_path / "a", "--model.width=8")
@@ -292,6 +297,7 @@ def test_registry_plans_mtt_and_tesla(tmp_path):
     assert m["evaluate"].config.checkpoints == [str(tmp_path / "mtt/ipc10/train-hard/student.pt")]
 
 
+@pytest.mark.subprocess
 def test_pipeline_runs_mtt_and_tesla_end_to_end(small, tmp_path):
     """experts -> mtt/tesla (soft labels) -> train-hard (learned lr; TESLA's soft labels) -> evaluate -> report, on
     16 px."""

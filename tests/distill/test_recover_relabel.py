@@ -109,6 +109,8 @@ def test_recovered_set_layout(recovered):
     assert (recovered / "grid.png").stat().st_size > 0
 
 
+@pytest.mark.multirank
+@pytest.mark.subprocess
 def test_two_ranks_recover_same_images_disjoint_work(digits_dir, teacher, recovered, tmp_path):
     from guard_fast.data.synthetic import load_synthetic
 
@@ -261,6 +263,7 @@ def one_error(r: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.subprocess
 def test_bad_input_errors(digits_dir, teacher, recovered, relabeled, tmp_path):
     base = recover_args(digits_dir, teacher, tmp_path / "r")
     assert "checkpoint not found" in one_error(cli("recover", *base, f"--model.checkpoint={tmp_path}/none.pt"))
@@ -298,6 +301,8 @@ def test_bad_input_errors(digits_dir, teacher, recovered, relabeled, tmp_path):
     assert "expected ipc = 3" in err
 
 
+@pytest.mark.multirank
+@pytest.mark.subprocess
 def test_two_rank_student_training(digits_dir, recovered, relabeled, tmp_path):
     """torchrun, 2 gloo ranks: each rank trains on its half of every global batch; the run completes and saves."""
     out = tmp_path / "two"

@@ -112,17 +112,20 @@ def _check_against_reference(inp: dict, got: dict, case: tuple) -> None:
     assert got["g_grad_is_none"]
 
 
+@pytest.mark.subprocess
 def test_interpreter_really_ran(interpreted):
     _, results = interpreted
     assert results["kernel_type"] == "InterpretedFunction"
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_kernel_matches_reference_interpreted(interpreted, case):
     inputs, results = interpreted
     _check_against_reference(inputs[case[0]], results[case[0]], case)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_kernel_zero_gradient_row_interpreted(interpreted, case):
     """Row 0 of g is zero: ||g|| = 0, so z = h * 1e-7 / 1e-7 = h in every element (the formula's value), no NaN."""

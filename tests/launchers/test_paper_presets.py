@@ -61,6 +61,8 @@ def _assert_preset_path(cfg: dict, dataset: str) -> None:
     assert cfg["model"]["arch"] == "resnet18" and cfg["model"]["channels_last"] is True
 
 
+@pytest.mark.multirank
+@pytest.mark.subprocess
 def test_pipeline_imagenette_preset_runs_end_to_end(imagenet_shaped, tmp_path):
     out = tmp_path / "pipeline"
     _torchrun("launchers/pipeline.py", "--config", str(REPO / "configs/imagenette/pipeline.toml"),
@@ -90,6 +92,8 @@ def test_pipeline_imagenette_preset_runs_end_to_end(imagenet_shaped, tmp_path):
     assert Image.open(recovered[0]).size == (SIZE, SIZE)
 
 
+@pytest.mark.multirank
+@pytest.mark.subprocess
 def test_squeeze_imagenet_1k_preset_runs(imagenet_shaped, tmp_path):
     """The ImageNet-1K squeeze preset: 1000-way head over the 10 classes present, GUARD objective, 2 ranks."""
     out = tmp_path / "squeeze"

@@ -337,6 +337,7 @@ def envlib(*command: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.subprocess
 def test_each_checkout_layer_imports_its_own_code(tmp_path):
     dep = Path(torch.__file__).resolve().parents[4]  # <env>/lib/pythonX.Y/site-packages/torch/__init__.py
     for name in ("a", "b"):
@@ -364,6 +365,7 @@ def test_each_checkout_layer_imports_its_own_code(tmp_path):
     assert envlib("layer_venv", str(dep), str(tmp_path / "a")).returncode == 0  # idempotent
 
 
+@pytest.mark.subprocess
 def test_old_environments_removed_only_when_unused(tmp_path):
     cache = tmp_path / "cache"
     for env in ("venv-old", "venv-used", "venv-new"):

@@ -208,6 +208,8 @@ def curv_args(digits_dir: Path, ckpts: dict[str, Path], out: Path) -> list[str]:
             "--labels=A,B", "--groups=t,t"]
 
 
+@pytest.mark.multirank
+@pytest.mark.subprocess
 def test_two_gloo_ranks_equal_one_process_and_report_matches_json(digits_dir, ckpts, tmp_path):
     """Every per-image number matches exactly (1 thread per process in both, as each torchrun rank on 2 cores):
     ranks take whole batches of the 1-rank order and each image's power-iteration start is seeded by its position."""
@@ -281,6 +283,7 @@ def test_bad_inputs_give_one_line_errors(digits_dir, ckpts, tmp_path, capsys):
         assert code == want_code and len(err) == 1 and needle in err[0], (argv, err)
 
 
+@pytest.mark.subprocess
 def test_cli_lists_the_command():
     r = subprocess.run([PYTHON, "-m", "launchers.cli", "curvature", "--help"], capture_output=True, text=True,
                        env=subprocess_env(), cwd=REPO, timeout=120)

@@ -282,6 +282,8 @@ def test_report_table_and_json_agree(single):
         assert img.format == "PNG" and img.size[0] > 300 and img.size[1] > 300
 
 
+@pytest.mark.multirank
+@pytest.mark.subprocess
 def test_two_gloo_ranks_equal_one_process(digits_dir, ckpts, single, tmp_path):
     """Every count - random-start PGD, Square and AutoAttack included - matches: each rank attacks whole batches of
     the 1-rank order with the same per-batch seeds."""
@@ -349,6 +351,7 @@ def in_process(argv: list[str], capsys) -> tuple[int, list[str]]:
     return code, [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
 
 
+@pytest.mark.subprocess
 def test_bad_inputs_give_one_line_errors(digits_dir, ckpts, tmp_path, capsys):
     r = subprocess.run([str(Path(PYTHON).parent / "guard-fast"), "evaluate", "--attack.names=pgd100,fgsm",
                         f"--checkpoints={ckpts['strong']}"], capture_output=True, text=True, env=subprocess_env(),

@@ -114,6 +114,7 @@ def test_help_lists_keys_and_exits_zero(capsys):
     assert "--data.batch_size=64" in out and "images per rank per step" in out
 
 
+@pytest.mark.subprocess
 def test_cli_unknown_command_and_missing_path():
     env = subprocess_env()
     r = subprocess.run([PYTHON, "-m", "launchers.cli", "frobnicate"], capture_output=True, text=True, env=env,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from tests.conftest import PYTHON, REPO, subprocess_env
 
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
@@ -19,11 +21,13 @@ def _run(tmp_path, **env_overrides) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
 
 
+@pytest.mark.subprocess
 def test_script_parses():
     r = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.subprocess
 def test_without_cuda_says_so_in_one_line_and_exits_0(tmp_path):
     r = _run(tmp_path)  # CUDA_VISIBLE_DEVICES="" hides any GPU, so this also holds on a CUDA machine
     assert r.returncode == 0, r.stderr
@@ -33,6 +37,7 @@ def test_without_cuda_says_so_in_one_line_and_exits_0(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing ran, nothing written
 
 
+@pytest.mark.subprocess
 def test_missing_environment_is_an_error_naming_make_setup(tmp_path):
     r = _run(tmp_path, PY=str(tmp_path / "no-such-python"))
     assert r.returncode == 2

@@ -47,6 +47,8 @@ def assert_params_close(a, b, atol):
         torch.testing.assert_close(a[k].float(), b[k].float(), rtol=0, atol=atol, msg=k)
 
 
+@pytest.mark.multirank
+@pytest.mark.subprocess
 def test_zero_stages_agree_under_torchrun(small_digits, tmp_path):
     runs = {}
     for stage in (0, 1, 2):
@@ -65,6 +67,8 @@ def test_zero_stages_agree_under_torchrun(small_digits, tmp_path):
     assert {"git_sha", "versions", "hardware"} <= env.keys() and "deepspeed" in env["versions"]
 
 
+@pytest.mark.multirank
+@pytest.mark.subprocess
 def test_deepspeed_launcher_and_ffcv_backend(small_digits, tmp_path):
     from guard_fast.data.ffcv_backend import write_beton
 
@@ -80,6 +84,7 @@ def test_deepspeed_launcher_and_ffcv_backend(small_digits, tmp_path):
     assert val["clean"] >= val["pgd@0.00392157"] >= val["pgd@0.0313725"]
 
 
+@pytest.mark.subprocess
 def test_resume_equals_uninterrupted(small_digits, tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     launch([PYTHON, str(REPO / "launchers/squeeze.py")], full, small_digits, "--output.ckpt_every=4")
@@ -92,6 +97,7 @@ def test_resume_equals_uninterrupted(small_digits, tmp_path):
     assert losses(cut)[-8:] == losses(full)[-8:]
 
 
+@pytest.mark.subprocess
 def test_non_finite_loss_stops_and_keeps_checkpoint(small_digits, tmp_path):
     out = tmp_path / "nan"
     r = launch([PYTHON, str(REPO / "launchers/squeeze.py")], out, small_digits, "--optim.lr=1e30",
@@ -130,6 +136,7 @@ sys.exit(run(main, sys.argv[1:], prog="guard-fast squeeze"))
 """
 
 
+@pytest.mark.subprocess
 def test_non_finite_reg_with_finite_loss_stops_without_checkpoint(small_digits, tmp_path):
     """The loop checks every stat, not only the loss: a non-finite R (loss finite) stops the run with one error line
     and nothing is saved from step 2 on (checkpoints every step; steps 0 and 1 were good)."""
@@ -144,6 +151,7 @@ def test_non_finite_reg_with_finite_loss_stops_without_checkpoint(small_digits, 
     assert not (out / "teacher.pt").exists()
 
 
+@pytest.mark.subprocess
 def test_config_errors_exit_2(tmp_path):
     r = subprocess.run([PYTHON, str(REPO / "launchers/squeeze.py"), "--objective.name=cure"], capture_output=True,
                        text=True, env=subprocess_env(), cwd=REPO, timeout=300)
@@ -165,6 +173,8 @@ def test_presets_load(path):
         assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.epochs, cfg.data.backend) == (0.025, 1e-4, 50, "ffcv")
 
 
+@pytest.mark.multirank
+@pytest.mark.subprocess
 def test_strategies_match_reference_step_by_step_on_two_ranks(small_digits, tmp_path):
     """Short 2-rank DeepSpeed squeezes: batched and reuse track reference's losses and end at the same weights."""
     runs = {}
@@ -183,6 +193,7 @@ def test_strategies_match_reference_step_by_step_on_two_ranks(small_digits, tmp_
     assert losses(runs["reuse"])[:3] == pytest.approx(ref[:3], rel=1e-5)
 
 
+@pytest.mark.subprocess
 def test_bf16_and_compile_paths_run(small_digits, tmp_path):
     """bf16 (DeepSpeed bf16 weights, BatchNorm buffers in bf16) and torch.compile: a couple of steps, finite."""
     for name, extra in (("bf16", ["--dist.precision=bf16"]), ("compiled", ["--model.compile"])):

@@ -73,6 +73,8 @@ def test_resume_equals_uninterrupted(digits_dir, synset, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.multirank
+@pytest.mark.subprocess
 def test_two_ranks_train_the_same_network(digits_dir, synset, tmp_path):
     """torchrun, 2 gloo ranks (uneven slices: the last batch has 6 images -> 3 + 3, batch 8 -> 4 + 4): same weights
     as 1 process to float32 summation-order tolerance (atol 1e-5 after 8 SGD steps)."""
@@ -90,6 +92,7 @@ def test_two_ranks_train_the_same_network(digits_dir, synset, tmp_path):
     assert any(not torch.equal(a[k], b[k].new_zeros(b[k].shape)) for k in a)
 
 
+@pytest.mark.subprocess
 def test_bad_augment_and_size_are_one_line_errors(digits_dir, synset, tmp_path):
     base = [PYTHON, "-m", "launchers.cli", "train-hard", *args(digits_dir, synset, tmp_path / "x")]
     for extra, words in ((["--augment=mixup"], "valid values are none, dsa"), (["--data.image_size=32"], "16 px")):

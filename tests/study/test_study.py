@@ -72,6 +72,7 @@ def results(res: Path) -> dict:
     return json.loads((res / "results.json").read_text())
 
 
+@pytest.mark.subprocess
 def test_every_cell_and_seed_is_produced(finished):
     _, runs, res = finished
     r = results(res)
@@ -107,6 +108,7 @@ def value(row: dict, c: dict, eps: float) -> float:
     return (clean - row[(eps, c["column"])]) / clean
 
 
+@pytest.mark.subprocess
 def test_statistics_equal_an_independent_computation(finished):
     _, _, res = finished
     r = results(res)
@@ -135,6 +137,7 @@ def test_statistics_equal_an_independent_computation(finished):
             assert (c["lo"], c["hi"]) == pytest.approx((ci.low, ci.high), abs=1e-9)
 
 
+@pytest.mark.subprocess
 def test_rerun_is_all_cached_and_report_only_runs_nothing(finished):
     args, runs, res = finished
     before = results(res)
@@ -146,6 +149,7 @@ def test_rerun_is_all_cached_and_report_only_runs_nothing(finished):
     assert ": cached" not in r.stdout and results(res)["cell_stats"] == before["cell_stats"]
 
 
+@pytest.mark.subprocess
 def test_killed_study_resumes_and_skips_finished_cells(study_data, finished, tmp_path):
     args, _, res_full = finished
     runs, res = tmp_path / "runs", tmp_path / "res"
@@ -206,7 +210,7 @@ def test_plan_shares_settings_and_groups_ipc(tmp_path):
     methods needing the same IPCs share one call; a row whose selection is missing is pending."""
     from guard_fast.runtime.config import load_config
     from guard_fast.study.config import StudyConfig
-    from guard_fast.study.run import plan_study
+    from guard_fast.study.plan import plan_study
 
     cfg = load_config(StudyConfig, REPO / "configs/digits/study.toml")
     sel = {k: {"best": [c.strip() for c in getattr(cfg.selection, k)[0].split(",")[:1]]} for k in ("guard", "pgd_at")}
