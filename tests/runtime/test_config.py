@@ -125,3 +125,42 @@ def test_cli_unknown_command_and_missing_path():
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "/nonexistent/x" in r.stderr
+
+
+def _ast_docs(cls: type) -> dict[str, str]:
+    """Reference reading of attribute docstrings with the ast module (what field_docs did before the tokenizer)."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        docs.update(klass.__dict__.get("__field_docs__", {}))
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        except (OSError, TypeError):
+            continue
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def test_field_docs_equal_an_ast_reading_for_every_config_class():
+    """The tokenizer-based reader (no ast: CPython 3.11.7's AST constructor can fail after torch.compile) gives the
+    same docs as an ast reading, for every section of the pipeline and study configs."""
+    from guard_fast.study.config import StudyConfig
+
+    seen, todo = set(), [StudyConfig, StageConfig]
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        assert C.field_docs(cls) == _ast_docs(cls), cls.__name__
+        todo += [getattr(cls(), f.name).__class__ for f in dataclasses.fields(cls)
+                 if dataclasses.is_dataclass(getattr(cls(), f.name))]
+    assert len(seen) > 15
