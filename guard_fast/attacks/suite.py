@@ -6,6 +6,14 @@ PGD-100 steps eps * pgd_alpha_frac (0.25/255 at eps 1/255, the paper's value) an
 (1/255 at eps 1/255), so a sweep over eps = 1, 2, 4, 8 /255 keeps the paper's step-to-radius ratio. CW is L2 and has
 no eps: it runs once per checkpoint (`ATTACKS["cw"].uses_eps` is False).
 
+MIM follows the authors' own implementation by default (mim_grad_norm = "batch", `BatchL1MIM`): both
+yumozi/GUARD train/evaluate.py:252-272 (the SRe2L-side tables; step 1/255, :39) and yumozi/dataset_condensation
+utils.py:527-547 (main_CURE.py's Table 5 evaluation; step 0.25/255, :404) divide each step's gradient by its L1 norm
+over the WHOLE batch before adding it to the momentum; torchattacks' MIFGSM (mim_grad_norm = "image") divides by each
+image's mean absolute gradient. The two agree at the first step and differ after it (the batch norm weighs each
+image's steps by the whole batch's gradient size), so the batch-coupled version attacks whole loader batches
+(`AttackConfig.couples_batch`), as the authors' loops do, and its result depends on the evaluation batch size.
+
 AutoAttack (standard) is built here as torchattacks' own recipe - MultiAttack of APGD-CE, APGD-T, FAB-T and Square,
 each run on what the previous ones left robust - so its sub-attack steps are a setting: aa_steps = 10 is what
 torchattacks.AutoAttack runs; aa_steps = 100 is the original AutoAttack's standard
@@ -20,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 import torchattacks
 
 from guard_fast.runtime.errors import ConfigError
@@ -69,6 +78,9 @@ class AttackConfig:
     """MIM step size as a fraction of eps (1.0 -> 1/255 at eps 1/255, the paper's step)"""
     mim_decay: float = 1.0
     """MIM momentum decay factor (the paper: 1.0)"""
+    mim_grad_norm: str = "batch"
+    """MIM gradient normalization: batch (L1 norm over the whole batch, the authors' evaluation code) or image
+    (per-image mean |g|, torchattacks' MIFGSM)"""
 
     def validate(self) -> None:
         unknown = [n for n in self.names if n not in ATTACKS]
@@ -93,6 +105,9 @@ class AttackConfig:
             raise ConfigError(f"attack.square_p_init = {self.square_p_init}: must be in (0, 1]")
         if self.aa_target_classes < 0 or self.cw_kappa < 0 or self.mim_decay < 0:
             raise ConfigError("attack.aa_target_classes, attack.cw_kappa and attack.mim_decay must be >= 0")
+        if self.mim_grad_norm not in MIM_NORMS:
+            raise ConfigError(f"attack.mim_grad_norm = {self.mim_grad_norm!r}: valid values are "
+                              f"{', '.join(MIM_NORMS)}")
         if self.aa_version not in AA_VERSIONS:
             raise ConfigError(f"attack.aa_version = {self.aa_version!r}: valid values are {', '.join(AA_VERSIONS)}")
         if self.aa_version != "standard" and (self.aa_steps != 10 or self.aa_square_queries != 5000):
@@ -103,8 +118,33 @@ class AttackConfig:
     def uses_eps(name: str) -> bool:
         return ATTACKS[name].uses_eps
 
+    def couples_batch(self, name: str) -> bool:
+        """True if an image's result depends on the other images of its batch (then attack whole batches)."""
+        return name == "mim" and self.mim_grad_norm == "batch"
+
 
 AA_VERSIONS = ("standard", "plus", "rand")
+MIM_NORMS = ("batch", "image")
+
+
+class BatchL1MIM(torchattacks.MIFGSM):
+    """MIM as the GUARD authors' evaluation code computes it (see the module docstring): m <- decay m + g / ||g||_1
+    (g the input gradient of the batch-mean CE, the norm over the whole batch), x <- x + alpha sign(m), projected to
+    the eps ball around the input and to [0, 1]; no random start, eval mode (torchattacks' wrapper)."""
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        images = images.clone().detach().to(self.device)
+        labels = labels.clone().detach().to(self.device)
+        momentum = torch.zeros_like(images)
+        adv = images.clone()
+        for _ in range(self.steps):
+            adv.requires_grad_(True)
+            (g,) = torch.autograd.grad(F.cross_entropy(self.get_logits(adv), labels), adv)
+            # an all-zero gradient gives 0 here (the authors' code divides by zero)
+            momentum = self.decay * momentum + g / g.abs().sum().clamp_min(torch.finfo(g.dtype).tiny)
+            adv = adv.detach() + self.alpha * momentum.sign()
+            adv = torch.minimum(torch.maximum(adv, images - self.eps), images + self.eps).clamp(0, 1).detach()
+        return adv
 
 # ----------------------------------------------------------------------------------------------------------------
 # Builders: (model, cfg, eps, num_classes, seed) -> torchattacks.Attack
@@ -148,8 +188,8 @@ def _cw(model, cfg: AttackConfig, eps: float, num_classes: int, seed: int) -> to
 
 
 def _mim(model, cfg: AttackConfig, eps: float, num_classes: int, seed: int) -> torchattacks.Attack:
-    return torchattacks.MIFGSM(model, eps=eps, alpha=eps * cfg.mim_alpha_frac, steps=cfg.mim_steps,
-                               decay=cfg.mim_decay)
+    cls = BatchL1MIM if cfg.mim_grad_norm == "batch" else torchattacks.MIFGSM
+    return cls(model, eps=eps, alpha=eps * cfg.mim_alpha_frac, steps=cfg.mim_steps, decay=cfg.mim_decay)
 
 
 def _aa_settings(cfg: AttackConfig, num_classes: int) -> dict:
@@ -185,7 +225,8 @@ ATTACKS: dict[str, AttackSpec] = {
     "cw": AttackSpec("CW", "L2", False, _cw, lambda c, k: {
         "c": c.cw_c, "kappa": c.cw_kappa, "steps": c.cw_steps, "lr": c.cw_lr}),
     "mim": AttackSpec("MIM", "Linf", True, _mim, lambda c, k: {
-        "steps": c.mim_steps, "alpha_frac_of_eps": c.mim_alpha_frac, "decay": c.mim_decay, "random_start": False}),
+        "steps": c.mim_steps, "alpha_frac_of_eps": c.mim_alpha_frac, "decay": c.mim_decay, "random_start": False,
+        "grad_norm": c.mim_grad_norm}),
 }
 
 

@@ -1,4 +1,4 @@
-"""DSA: differentiable siamese augmentation (Zhao & Bilen, ICML 2021), on [0,1] images (B, C, H, W).
+"""DSA: differentiable siamese augmentation (Zhao & Bilen, ICML 2021) on image batches (B, C, H, W).
 
 What we follow: DC/DSA's public code (VICO-UoE/DatasetCondensation, utils.py: ParamDiffAug, DiffAugment with
 aug_mode 'S'). One call picks ONE group of the strategy uniformly at random ('color' = brightness, saturation,
@@ -11,6 +11,14 @@ is reproducible and resumable and the draws do not depend on the number of ranks
 parameter for the whole batch: the reference's `param.Siamese = True` (seed given: DC/DSA's matching step, where the
 real and the synthetic batch get the same transformation) and MTT's `batchmode`; pass the same draw to both batches.
 `n = B` draws one value per image: the reference's seed = -1 path (training networks on the synthetic set).
+
+Space: the ops act on whatever tensor they get. In the authors' DC, DSA, MTT and TESLA code that tensor is the
+*normalized* image (x - mean) / std (VICO-UoE/DatasetCondensation utils.py:52 normalizes at load and main.py:187-188
+augments; MTT utils.py:61 with distill.py:359 and buffer.py:84-85; TESLA utils.py:32 with distill.py:388), so
+brightness adds U(-0.5, 0.5) standard deviations and every shifted-in, cut-out or out-of-frame pixel is 0 in
+normalized space, i.e. the dataset's mean colour. `apply_dsa_in` applies a draw in either space to a batch given in
+either space; space = "pixel" ([0,1] pixels: brightness in pixel units, black fill) is our earlier behaviour, kept
+as a named option.
 
 Differences from the reference: draws come from our generator (not torch.manual_seed(seed + k) per op), so values
 differ bitwise from the reference's for a given seed; the affine ops build theta in the input's dtype (the reference
@@ -28,6 +36,8 @@ import torch.nn.functional as F
 STRATEGY = "color_crop_cutout_flip_scale_rotate"
 GROUPS = {"color": ("brightness", "saturation", "contrast"), "crop": ("crop",), "cutout": ("cutout",),
           "flip": ("flip",), "scale": ("scale",), "rotate": ("rotate",)}
+
+SPACES = ("normalized", "pixel")
 
 PROB_FLIP = 0.5
 RATIO_SCALE = 1.2
@@ -187,6 +197,25 @@ def apply_dsa(x: torch.Tensor, draw: DSADraw) -> torch.Tensor:
         elif op == "rotate":
             x = rotate(x, p[op])
     return x.contiguous()
+
+
+def check_space(space: str) -> None:
+    if space not in SPACES:
+        raise ValueError(f"DSA space {space!r}: valid values are {', '.join(SPACES)}")
+
+
+def apply_dsa_in(x: torch.Tensor, draw: DSADraw, space: str, given: str, mean: torch.Tensor,
+                 std: torch.Tensor) -> torch.Tensor:
+    """Apply `draw` in `space` to x given in space `given` ('normalized' or 'pixel'; mean and std (1, C, 1, 1)
+    convert between them, u = (x - mean) / std); the result is in space `given`, differentiable in x."""
+    check_space(space)
+    check_space(given)
+    if space == given:
+        return apply_dsa(x, draw)
+    mean, std = mean.to(x.device, x.dtype), std.to(x.device, x.dtype)
+    if space == "normalized":  # x in pixels
+        return apply_dsa((x - mean) / std, draw) * std + mean
+    return (apply_dsa(x * std + mean, draw) - mean) / std
 
 
 def dsa(x: torch.Tensor, gen: torch.Generator, strategy: str = STRATEGY, per_image: bool = False) -> torch.Tensor:

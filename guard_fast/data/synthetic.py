@@ -4,6 +4,12 @@ Layout written by recover: `<dir>/images/<class>/<class>_ipc<k>.png`, `<dir>/man
 class names, IPC, image size, one entry per image (file, label, IPC index, chunk, seed) and `content_hash`: a SHA-256
 of the uint8 pixels and labels in manifest order. Relabel records that hash and the student refuses soft labels made
 for a different image set. `images/` is a plain ImageFolder (torchvision, `guard-fast data to-ffcv`).
+
+Float sets: the optimization-based distillers (DC, GUARD(DC), MTT, TESLA) also write `pixels.pt`, the optimized images
+as float32 pixel-unit tensors, neither clamped to [0,1] nor rounded to 8 bits (none of the authors' codes does either:
+their students train on the float tensors), with its own hash in the manifest (`float_pixels`). That file is the
+stored set; the PNGs are its 8-bit view. `SyntheticSet.train_pixels(quantize)` gives students the floats, or the
+8-bit PNG values with quantize = true (and always for sets without floats, such as recover's).
 """
 
 from __future__ import annotations
@@ -21,15 +27,24 @@ from PIL import Image
 from guard_fast.data.folder import scan_folder
 from guard_fast.runtime.config import DataConfig
 from guard_fast.runtime.errors import GuardFastError
-from guard_fast.runtime.io import atomic_json, atomic_write
+from guard_fast.runtime.io import atomic_json, atomic_torch_save, atomic_write
 
 MANIFEST = "manifest.json"
+FLOATS = "pixels.pt"
 
 
 def content_hash(pixels: torch.Tensor, labels: torch.Tensor) -> str:
     """SHA-256 over uint8 pixels (N, 3, S, S) and int64 labels (N,), in order."""
     h = hashlib.sha256()
     h.update(pixels.contiguous().numpy().tobytes())
+    h.update(labels.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def float_hash(pixels: torch.Tensor, labels: torch.Tensor) -> str:
+    """SHA-256 over float32 pixels (N, 3, S, S) and int64 labels (N,), in order."""
+    h = hashlib.sha256()
+    h.update(pixels.detach().float().cpu().contiguous().numpy().tobytes())
     h.update(labels.to(torch.int64).contiguous().numpy().tobytes())
     return h.hexdigest()
 
@@ -46,14 +61,22 @@ def write_png(path: Path, pixels: torch.Tensor) -> None:
 
 
 def write_synthetic(root: Path, pixels: torch.Tensor, items: list[dict[str, Any]], classes: list[str],
-                    meta: dict[str, Any]) -> dict[str, Any]:
-    """Write every image and then (last, atomically) the manifest. `items[i]` describes pixels[i] and gets a
-    'file' key. Returns the manifest."""
+                    meta: dict[str, Any], floats: torch.Tensor | None = None) -> dict[str, Any]:
+    """Write every image, the float set `floats` (pixel units, (N, 3, S, S), if given) and then (last, atomically)
+    the manifest. `items[i]` describes pixels[i] and gets a 'file' key. Returns the manifest."""
     labels = torch.tensor([it["label"] for it in items], dtype=torch.int64)
     for it, px in zip(items, pixels):
         name = classes[it["label"]]
         it["file"] = f"images/{name}/{name}_ipc{it['ipc_index']:04d}.png"
         write_png(root / it["file"], px)
+    if floats is not None:
+        floats = floats.detach().float().cpu().contiguous()
+        if floats.shape != pixels.shape:
+            raise ValueError(f"float set {tuple(floats.shape)} vs 8-bit view {tuple(pixels.shape)}")
+        fh = float_hash(floats, labels)
+        atomic_torch_save(root / FLOATS, {"pixels": floats, "labels": labels, "hash": fh})
+        meta = {**meta, "float_pixels": {"file": FLOATS, "hash": fh, "what": "float32 pixel units, unclamped, "
+                                         "(N, 3, S, S) in manifest order: the optimized set"}}
     manifest = {**meta, "classes": classes, "num_images": len(items), "items": items,
                 "content_hash": content_hash(pixels, labels)}
     atomic_json(root / MANIFEST, manifest)
@@ -91,6 +114,14 @@ class SyntheticSet:
     pixels: torch.Tensor  # (N, 3, S, S) uint8, manifest order
     labels: torch.Tensor  # (N,) int64
     manifest: dict[str, Any]
+    floats: torch.Tensor | None = None  # (N, 3, S, S) float32 pixel units (pixels.pt), or None
+
+    def train_pixels(self, quantize: bool = False) -> torch.Tensor:
+        """What a student trains on, float (N, 3, S, S) in pixel units: the float set, or the 8-bit values / 255
+        with `quantize` or when the set has no floats."""
+        if self.floats is None or quantize:
+            return self.pixels.float().div(255)
+        return self.floats
 
     @property
     def num_classes(self) -> int:
@@ -141,4 +172,22 @@ def load_synthetic(root: str | Path, num_classes: int | None = None, verify: boo
     labels = torch.tensor([it["label"] for it in items], dtype=torch.int64)
     if verify and content_hash(px, labels) != manifest["content_hash"]:
         raise GuardFastError(f"{root}: images differ from {MANIFEST} (content_hash mismatch); rerun recover")
-    return SyntheticSet(px, labels, manifest)
+    return SyntheticSet(px, labels, manifest, load_floats(root, manifest, px.shape, labels, verify))
+
+
+def load_floats(root: Path, manifest: dict[str, Any], shape: torch.Size, labels: torch.Tensor,
+                verify: bool) -> torch.Tensor | None:
+    """The set's pixels.pt (None if the manifest names none), checked against the manifest's hash and shape."""
+    entry = manifest.get("float_pixels")
+    if not entry:
+        return None
+    path = root / entry["file"]
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise GuardFastError(f"{path}: cannot load the float set ({type(e).__name__}: {e})") from None
+    floats = blob["pixels"]
+    if floats.shape != shape or (verify and float_hash(floats, labels) != entry["hash"]):
+        raise GuardFastError(f"{path}: float images differ from {MANIFEST} (hash or shape mismatch); rerun the "
+                             "distillation")
+    return floats

@@ -13,9 +13,18 @@ evaluated in eval mode. Values: main_CURE.py was committed with h = 3, lamda = 5
 "Change default values for CURE" (7a38c42) to h = 0.6, lamda = 100, still the newest version; the paper and the
 repository state no run script. Our defaults are the newest committed values, h = 0.6 and lam = 100.
 
+Spaces (`space`): which tensor the synthetic images are. "pixel" is main_CURE.py's, the code behind the paper's
+Table 5 for both DC and GUARD(DC) (`--method DC` and `--method CURE` of the same script): data loaded without
+normalization (utils.py:55), every network Normalize-then-ConvNet (main_CURE.py:149, 173), so the images are raw
+pixel-unit tensors (noise init randn, mean 0 and std 1 in pixel units, main_CURE.py:98) and each SGD step moves
+pixels by lr_img times the pixel gradient. "normalized" is VICO-UoE/DatasetCondensation's original DC (main.py:88,
+100; data normalized at load, utils.py:52): the images are normalized tensors, and one step moves pixels std^2 (about
+0.04 on CIFAR-10) times as far. In both the real batch and R are computed on [0,1] pixels through the model's own
+normalization, which equals the normalized-space network on normalized data. Neither code clamps or quantizes the
+images (clamp = true clips them to [0,1] pixels after every step, our earlier behaviour); the stored set is the
+float tensors (pixels.pt), the PNGs their 8-bit view.
+
 Where we differ from the reference and why:
-- images are optimized in normalized space (as the reference) but clamped after every step to the normalized image
-  of [0,1]: our synthetic-set format is [0,1] PNGs, so what is saved is what was optimized (up to 8-bit rounding);
 - every random choice (network init, real batches, inner-loop shuffles) comes from seeds derived from (seed,
   iteration, step, class): rank-count independent and resumable (the reference uses the global RNG);
 - the network is put back in train mode after R (the reference leaves it in eval mode until the next inner epoch;
@@ -55,6 +64,7 @@ from guard_fast.runtime.rundir import RunDir
 
 LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}  # DC's get_loops
 INITS = ("real", "noise")
+SPACES = ("pixel", "normalized")
 
 
 @dataclass
@@ -67,8 +77,14 @@ class DCConfig:
     output: OutputConfig = field(default_factory=lambda: OutputConfig(dir="runs/dc"))
     ipc: int = 10
     """synthetic images per class"""
-    init: str = "real"
-    """real (random real images of the class) or noise (standard normal in normalized space, DC's default)"""
+    init: str = "noise"
+    """noise (standard normal in the units of `space`: DC's and main_CURE.py's default) or real (random real images
+    of the class)"""
+    space: str = "pixel"
+    """what the images are: pixel (raw pixel-unit tensors, networks normalize: main_CURE.py, the paper's Table 5) or
+    normalized ((x - mean) / std tensors: VICO's original DC)"""
+    clamp: bool = False
+    """clip the images to the [0,1] pixel range after every step (neither authors' code does)"""
     iterations: int = 1000
     """outer iterations, each with a fresh network (paper: 1000)"""
     outer_loop: int = 0
@@ -76,7 +92,7 @@ class DCConfig:
     inner_loop: int = 0
     """network epochs on the synthetic set between image steps (0 = DC's table: 1 -> 1, 10 -> 50, 50 -> 10)"""
     lr_img: float = 0.1
-    """SGD learning rate of the synthetic images (normalized space)"""
+    """SGD learning rate of the synthetic images (in the units of `space`)"""
     momentum_img: float = 0.5
     """SGD momentum of the synthetic images"""
     lr_net: float = 0.01
@@ -124,6 +140,8 @@ class DCConfig:
             raise ConfigError(f"attack = {self.attack!r}: valid values are 'none', 'pgd'")
         if self.init not in INITS:
             raise ConfigError(f"init = {self.init!r}: valid values are {', '.join(INITS)}")
+        if self.space not in SPACES:
+            raise ConfigError(f"space = {self.space!r}: valid values are {', '.join(SPACES)}")
         if min(self.outer_loop, self.inner_loop, self.ckpt_every, self.stop_after) < 0:
             raise ConfigError("outer_loop, inner_loop, ckpt_every and stop_after must be >= 0")
         if self.lr_img <= 0 or self.lr_net <= 0 or self.h <= 0 or self.lam < 0:
@@ -205,14 +223,35 @@ def seeded(*parts: int) -> torch.Generator:
 
 def init_images(cfg: DCConfig, real: list[torch.Tensor], model: Classifier, size: int,
                 dtype: torch.dtype) -> torch.Tensor:
-    """(C * ipc, 3, S, S) in normalized space, class-major."""
+    """(C * ipc, 3, S, S) in the units of cfg.space, class-major."""
     num_classes, device = len(real), real[0].device
     if cfg.init == "noise":
         return torch.randn((num_classes * cfg.ipc, 3, size, size), generator=seeded(cfg.dist.seed, 1),
                            dtype=dtype).to(device)
-    picks = [real[c][torch.randperm(len(real[c]), generator=seeded(cfg.dist.seed, 2, c))[:cfg.ipc]]
-             for c in range(num_classes)]
-    return model.normalize(torch.cat(picks)).to(dtype)
+    picks = torch.cat([real[c][torch.randperm(len(real[c]), generator=seeded(cfg.dist.seed, 2, c))[:cfg.ipc]]
+                       for c in range(num_classes)])  # (C * ipc, 3, S, S) in [0, 1]
+    return (picks if cfg.space == "pixel" else model.normalize(picks)).to(dtype)
+
+
+def syn_logits(cfg: DCConfig, net: Classifier, u: torch.Tensor) -> torch.Tensor:
+    """The network on synthetic images u: net(u) normalizes pixel-space images, net.body takes normalized ones."""
+    return net(u) if cfg.space == "pixel" else net.body(u)
+
+
+def to_pixels(cfg: DCConfig, net: Classifier, u: torch.Tensor) -> torch.Tensor:
+    """Synthetic images in pixel units (unclamped)."""
+    return u if cfg.space == "pixel" else net.denormalize(u)
+
+
+@torch.no_grad()
+def clamp_images(cfg: DCConfig, net: Classifier, u: torch.Tensor) -> None:
+    """clamp = true: clip u in place to the [0,1] pixel range (its normalized image in normalized space)."""
+    if not cfg.clamp:
+        return
+    if cfg.space == "pixel":
+        u.clamp_(0, 1)
+    else:
+        u.copy_(net.normalize(net.denormalize(u).clamp(0, 1)))
 
 
 def fresh_network(cfg: DCConfig, spec, it: int, device: torch.device, dtype: torch.dtype) -> Classifier:
@@ -223,7 +262,7 @@ def fresh_network(cfg: DCConfig, spec, it: int, device: torch.device, dtype: tor
 
 
 def outer_iteration(cfg: DCConfig, info: DistInfo, net: Classifier, u: torch.Tensor, opt: torch.optim.Optimizer,
-                    real: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor, it: int) -> torch.Tensor:
+                    real: list[torch.Tensor], it: int) -> torch.Tensor:
     """One outer iteration on a fresh network; returns the (rank-summed) mean matching loss per class and step."""
     outer, inner = cfg.loops()
     num_classes, ipc = len(real), cfg.ipc
@@ -241,8 +280,8 @@ def outer_iteration(cfg: DCConfig, info: DistInfo, net: Classifier, u: torch.Ten
                              random_start=True, generator=seeded(cfg.dist.seed, 5, it, ol, c))
             loss_real, _ = guard_real_loss(net, x_real, y_real, cfg.lam, cfg.h, guard=cfg.guard)
             gw_real = [g.detach() for g in torch.autograd.grad(loss_real, params)]
-            u_c = u[c * ipc:(c + 1) * ipc]  # (ipc, 3, S, S) normalized
-            loss_syn = F.cross_entropy(net.body(u_c), labels[c * ipc:(c + 1) * ipc])
+            u_c = u[c * ipc:(c + 1) * ipc]  # (ipc, 3, S, S) in the units of cfg.space
+            loss_syn = F.cross_entropy(syn_logits(cfg, net, u_c), labels[c * ipc:(c + 1) * ipc])
             gw_syn = torch.autograd.grad(loss_syn, params, create_graph=True)
             loss = loss + match_distance(list(gw_syn), gw_real)
         opt.zero_grad(set_to_none=False)
@@ -250,8 +289,7 @@ def outer_iteration(cfg: DCConfig, info: DistInfo, net: Classifier, u: torch.Ten
             loss.backward()
         D.all_reduce_sum(u.grad)  # disjoint rows per rank: the sum is exact
         opt.step()
-        with torch.no_grad():
-            u.copy_(torch.maximum(torch.minimum(u, hi), lo))
+        clamp_images(cfg, net, u)
         total = total + loss.detach()
         if ol == outer - 1:
             break
@@ -267,7 +305,7 @@ def train_network(cfg: DCConfig, net: Classifier, u: torch.Tensor, labels: torch
     for il in range(inner):
         order = torch.randperm(len(u), generator=seeded(cfg.dist.seed, 4, it, ol, il)).to(u.device)
         for ids in order.split(cfg.batch_train):
-            loss = F.cross_entropy(net.body(u[ids]), labels[ids])
+            loss = F.cross_entropy(syn_logits(cfg, net, u[ids]), labels[ids])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -288,7 +326,6 @@ def run_dc(cfg: DCConfig, info: DistInfo) -> dict[str, Any]:
     probe = probe.to(info.device, dtype)
     u = init_images(cfg, real, probe, spec.image_size, dtype).requires_grad_(True)
     u.grad = torch.zeros_like(u)
-    lo, hi = probe.normalize(torch.zeros(1, 3, 1, 1, dtype=dtype)), probe.normalize(torch.ones(1, 3, 1, 1, dtype=dtype))
     opt = torch.optim.SGD([u], lr=cfg.lr_img, momentum=cfg.momentum_img)
     run.start()  # inputs checked: write the run's record
     state_path, start = run.path / "state.pt", 0
@@ -308,7 +345,7 @@ def run_dc(cfg: DCConfig, info: DistInfo) -> dict[str, Any]:
             bar.close()
             return {"stopped_at_iteration": it}
         net = fresh_network(cfg, spec, it, info.device, dtype)
-        loss = outer_iteration(cfg, info, net, u, opt, real, lo, hi, it)
+        loss = outer_iteration(cfg, info, net, u, opt, real, it)
         bar.update(1)
         if (it + 1) % cfg.output.log_every == 0 or it + 1 == cfg.iterations:
             value = float(loss)  # host sync: log interval
@@ -333,15 +370,18 @@ def save_state(info: DistInfo, path: Path, key: str, u: torch.Tensor, opt, itera
 
 def write_result(cfg: DCConfig, root: Path, u: torch.Tensor, model: Classifier, num_classes: int, size: int,
                  key: str) -> dict[str, Any]:
-    """Synthetic-set format (images/, manifest.json) + grid.png + images.pt + result.json (rank 0)."""
-    x = model.denormalize(u.detach()).clamp(0, 1).cpu()
+    """Synthetic-set format (images/, pixels.pt, manifest.json) + grid.png + images.pt (the optimized tensors, in
+    the units of cfg.space) + result.json (rank 0)."""
+    x = to_pixels(cfg, model, u.detach()).cpu()  # (N, 3, S, S) pixel units, unclamped
     labels = torch.arange(num_classes).repeat_interleave(cfg.ipc)
-    atomic_torch_save(root / "images.pt", {"key": key, "images": u.detach().cpu(), "labels": labels})
+    atomic_torch_save(root / "images.pt", {"key": key, "images": u.detach().cpu(), "labels": labels,
+                                           "space": cfg.space})
     items = [{"label": c, "ipc_index": k} for c in range(num_classes) for k in range(cfg.ipc)]
     pixels = to_uint8(x)
     meta = {"images_key": key, "ipc": cfg.ipc, "image_size": size, "dataset": cfg.data.dataset,
-            "method": "GUARD(DC)" if cfg.guard else "DC", "iterations": cfg.iterations, "init": cfg.init}
-    manifest = write_synthetic(root, pixels, items, class_names(cfg.data, num_classes), meta)
+            "method": "GUARD(DC)" if cfg.guard else "DC", "iterations": cfg.iterations, "init": cfg.init,
+            "space": cfg.space, "clamp": cfg.clamp}
+    manifest = write_synthetic(root, pixels, items, class_names(cfg.data, num_classes), meta, floats=x)
     save_grid(root / "grid.png", pixels, labels, cfg.grid_classes)
     result = {"images": len(items), "ipc": cfg.ipc, "classes": num_classes, "guard": cfg.guard,
               "content_hash": manifest["content_hash"]}

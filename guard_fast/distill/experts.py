@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from guard_fast.data.dsa import SPACES
 from guard_fast.data.presets import resolve_dataset
 from guard_fast.data.real import load_real
 from guard_fast.distill.buffer import BUFFER, expert_path
@@ -53,6 +54,8 @@ class ExpertsConfig:
     """images per SGD step (MTT: 256)"""
     augment: str = "dsa"
     """augmentation of the real batches: none or dsa (MTT's experts use DSA, one draw per image)"""
+    dsa_space: str = "normalized"
+    """where DSA acts: normalized (MTT's buffer.py: on normalized tensors) or pixel ([0,1] pixels, black fill)"""
     stop_after: int = 0
     """stop after this many experts on each rank as if killed (0 = run to the end; for tests)"""
 
@@ -63,6 +66,8 @@ class ExpertsConfig:
             raise ConfigError(f"lr = {self.lr}: must be > 0")
         if self.augment not in AUGMENTS:
             raise ConfigError(f"augment = {self.augment!r}: valid values are {', '.join(AUGMENTS)}")
+        if self.dsa_space not in SPACES:
+            raise ConfigError(f"dsa_space = {self.dsa_space!r}: valid values are {', '.join(SPACES)}")
 
 
 def buffer_key(cfg: ExpertsConfig, spec: dict[str, Any]) -> str:
@@ -84,7 +89,7 @@ def train_expert(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Ten
     """SGD on normalized real images; returns the (epochs + 1, P) flat trajectory and per-epoch train accuracy."""
     body = model.body
     flat = FlatNet(body)
-    augment = build_augment(cfg.augment, model.mean, model.std)
+    augment = build_augment(cfg.augment, model.mean, model.std, space=cfg.dsa_space)
     opt = torch.optim.SGD(body.parameters(), lr=cfg.lr, momentum=0.0, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     trajectory, accs = [flat.flat().cpu()], []
@@ -151,7 +156,8 @@ def run_experts(cfg: ExpertsConfig, info: DistInfo) -> dict[str, Any]:
         manifest = {"key": key, "dataset": cfg.data.dataset, "num_classes": spec.num_classes,
                     "image_size": spec.image_size, "arch": cfg.model.arch, "width": cfg.model.width,
                     "num_params": num_params, "epochs": cfg.epochs, "num_experts": cfg.num_experts, "lr": cfg.lr,
-                    "batch_size": cfg.batch_size, "augment": cfg.augment, "seed": cfg.dist.seed}
+                    "batch_size": cfg.batch_size, "augment": cfg.augment, "dsa_space": cfg.dsa_space,
+                    "seed": cfg.dist.seed}
         result = {"num_experts": cfg.num_experts, "epochs": cfg.epochs, "num_params": num_params,
                   "val_acc": [b["val_acc"] for b in blobs], "final_train_acc": [b["train_acc"][-1] for b in blobs]}
         atomic_json(run.path / "result.json", result)

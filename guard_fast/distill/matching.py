@@ -11,7 +11,16 @@ seed per step), theta_{i+1} = theta_i - alpha g_i with g_i = d CE(f(theta_i, X_i
 are kept). `tesla_grads` is TESLA's computation (Cui et al. 2023, justincui03/tesla distill.py): dL/dg_i =
 (2/D)(alpha (theta* - theta_0) + alpha^2 G), G = sum_j g_j, is the same vector for every step, so after one pass that
 accumulates G the images' gradient is sum_i (dL/dg_i)^T dg_i/dX_i, each term recomputed one step at a time
-(memory constant in N). TESLA treats g_i as depending on X_i only: the terms through theta_i's dependence on the
+(memory constant in N).
+
+TESLA's coefficient: its code (distill.py:416-420) applies (1/D)(alpha (theta* - theta_0) + alpha^2 G) per step,
+half of dL/dg_i: it writes `2 * torch.autograd.grad(...)`, and autograd.grad returns a tuple, so `2 *` repeats the
+tuple and element [0] carries coefficient 1. The published lr_img values were tuned with that step, so it is the
+default here (`exact = False`); `exact = True` applies the true derivative (twice the step). The lr gradient
+(distill.py:425-428) is a true derivative in both. The remarks below are about the exact derivative; the default
+image gradient is half of it.
+
+TESLA treats g_i as depending on X_i only: the terms through theta_i's dependence on the
 earlier batches X_j (j < i) and on alpha are dropped, so it equals MTT's gradient for N = 1 and approximates it for
 N > 1. Measured in float64 (depth-2 width-4 ConvNet, 8 px, 6 images, batches of 3; tests/distill/test_mtt.py), relative
 L2 difference of the image gradient TESLA vs MTT: alpha 0.01: 7.9e-3 / 2.2e-2 / 4.8e-2 / 0.11 for N = 2 / 5 / 10 /
@@ -33,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from guard_fast.data.dsa import STRATEGY, apply_dsa, sample_dsa
+from guard_fast.data.dsa import STRATEGY, apply_dsa_in, sample_dsa
 
 # (images (B, 3, S, S) normalized, seed) -> augmented images: differentiable in the images, deterministic in the seed
 Augment = Callable[[torch.Tensor, int], torch.Tensor]
@@ -120,9 +129,10 @@ def mtt_grads(net: FlatNet, images: torch.Tensor, labels: torch.Tensor, lr: torc
 
 
 def tesla_grads(net: FlatNet, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor, start: torch.Tensor,
-                target: torch.Tensor, steps: list[Step], augment: Augment = no_augment
+                target: torch.Tensor, steps: list[Step], augment: Augment = no_augment, exact: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TESLA: two passes of N steps, one step's graph alive at a time. Returns (loss, dL/dimages, dL/dlr)."""
+    """TESLA: two passes of N steps, one step's graph alive at a time. Returns (loss, image gradient, dL/dlr); the
+    image gradient is TESLA's code's (half of dL/dimages) unless `exact`."""
     images, lr, start = images.detach(), lr.detach(), start.detach()
     alpha = float(lr)
     denom = (start - target).pow(2).sum()
@@ -132,8 +142,8 @@ def tesla_grads(net: FlatNet, images: torch.Tensor, labels: torch.Tensor, lr: to
         x = augment(images[s.indices], s.seed)
         theta, g = sgd_step(net, theta.detach(), x, labels[s.indices], lr, create_graph=False)
         gsum += g
-    # dL/dg_i, the same for every i (g_i treated as a function of X_i alone)
-    coef = (2.0 / denom) * (alpha * (target - start) + alpha ** 2 * gsum)  # (P,)
+    # dL/dg_i, the same for every i (g_i treated as a function of X_i alone); TESLA's code applies half of it
+    coef = ((2.0 if exact else 1.0) / denom) * (alpha * (target - start) + alpha ** 2 * gsum)  # (P,)
     # pass 2: recompute theta_i (identical to pass 1) and each step's dependence on its own batch
     g_img = torch.zeros_like(images)
     theta = start.clone()
@@ -158,16 +168,17 @@ AUGMENTS = ("none", "dsa")
 """augmentation of every real batch (experts) and every synthetic minibatch (distillation)"""
 
 
-def build_augment(name: str, mean: torch.Tensor, std: torch.Tensor, strategy: str = STRATEGY) -> Augment:
+def build_augment(name: str, mean: torch.Tensor, std: torch.Tensor, strategy: str = STRATEGY,
+                  space: str = "normalized") -> Augment:
     """none, or DSA with one draw per image (MTT's DiffAugment with seed -1) from a generator seeded by the step's
-    seed, applied in [0, 1] pixel space (as the student's DSA) to normalized inputs: u -> norm(dsa(denorm(u)))."""
+    seed, on normalized inputs u, acting in `space`: normalized (MTT/TESLA's code: dsa(u)) or pixel
+    (norm(dsa(denorm(u))), our earlier behaviour)."""
     if name == "none":
         return no_augment
 
-    def augment(u: torch.Tensor, seed: int) -> torch.Tensor:
+    def augment(u: torch.Tensor, seed: int) -> torch.Tensor:  # u: (B, 3, S, S) normalized
         gen = torch.Generator().manual_seed(seed)
-        x = u * std + mean  # (B, 3, S, S) in [0, 1] pixel units
-        x = apply_dsa(x, sample_dsa(gen, strategy, x.shape[2], x.shape[3], x.shape[0]))
-        return (x - mean) / std
+        return apply_dsa_in(u, sample_dsa(gen, strategy, u.shape[2], u.shape[3], u.shape[0]), space, "normalized",
+                            mean, std)
 
     return augment

@@ -1,7 +1,8 @@
 """MTT and TESLA: distill a synthetic set by matching expert training trajectories (Cazenavette et al. 2022; Cui et
 al. 2023), the Table 2 comparison rows.
 
-Learnable: IPC images per class (normalized pixels, initialized from random real images of the class) and the
+Learnable: IPC images per class (normalized pixels; init = real: random real images of the class, MTT's and TESLA's
+default pix_init; noise: standard normal in normalized space, their other choice) and the
 student's inner learning rate alpha (initialized to lr_teacher). Each iteration draws `trajectories` (expert e, start
 epoch t < max_start_epoch) pairs, runs syn_steps differentiable SGD steps from theta*_t on synthetic minibatches and
 matches theta*_{t + expert_epochs} (guard_fast/distill/matching.py); SGD with momentum 0.5 on the images (lr_img) and
@@ -13,12 +14,15 @@ and divided by `trajectories`, so every rank applies the same update. All random
 generators seeded by (seed, k, j): the result does not depend on the world size, and a run restarted from its last
 checkpoint (state.pt, every output.ckpt_every iterations) continues exactly as if never stopped.
 
-One deviation from the reference code: after every update the images are clipped to the valid [0, 1] pixel range
-(the set is stored as 8-bit PNGs and attacked in [0, 1] pixel units); MTT leaves normalized pixels unbounded.
+As in the reference code, the images are never clipped (clamp = true clips them to the valid [0, 1] pixel range
+after every update, our earlier behaviour) and the stored set is the float tensors (pixels.pt; the PNGs are their
+8-bit view). DSA acts on the normalized images (dsa_space), TESLA's image gradient carries its code's coefficient
+(tesla_exact; guard_fast/distill/matching.py).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -28,11 +32,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from guard_fast.data.dsa import SPACES
 from guard_fast.data.presets import resolve_dataset
 from guard_fast.data.real import RealSet, load_real
 from guard_fast.data.synthetic import content_hash, save_grid, to_uint8, write_synthetic
 from guard_fast.distill.buffer import load_trajectory, read_buffer
-from guard_fast.distill.matching import AUGMENTS, GRADS, FlatNet, build_augment, plan_steps
+from guard_fast.distill.matching import AUGMENTS, GRADS, FlatNet, build_augment, plan_steps, tesla_grads
 from guard_fast.models import Classifier, ModelConfig, model_from_config
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
@@ -43,6 +48,7 @@ from guard_fast.runtime.rundir import RunDir
 
 METHODS = tuple(GRADS)
 LABELS = ("hard", "expert")
+INITS = ("real", "noise")
 SOFT_LABELS_FILE = "soft_labels.pt"
 
 
@@ -87,6 +93,16 @@ class MTTConfig:
     """(expert, start epoch) samples per iteration, spread over ranks; gradients averaged (MTT: 1)"""
     augment: str = "dsa"
     """differentiable augmentation of every synthetic minibatch: none or dsa (MTT/TESLA use DSA)"""
+    dsa_space: str = "normalized"
+    """where DSA acts: normalized (MTT/TESLA's code: std units, mean-colour fill) or pixel ([0,1] pixels, black fill)"""
+    init: str = "real"
+    """real (random real images of the class; MTT/TESLA's default pix_init) or noise (standard normal in normalized
+    space)"""
+    tesla_exact: bool = False
+    """method = tesla: apply the exact derivative of the matching loss to the images (twice the step of TESLA's code,
+    whose distill.py:418 keeps half of it; published lr_img values assume the code's)"""
+    clamp: bool = False
+    """clip the images to the [0,1] pixel range after every update (the authors' code never does)"""
     grid_classes: int = 10
     """classes (rows) shown in grid.png"""
     stop_after: int = 0
@@ -99,6 +115,10 @@ class MTTConfig:
             raise ConfigError(f"labels = {self.labels!r}: valid values are {', '.join(LABELS)}")
         if self.augment not in AUGMENTS:
             raise ConfigError(f"augment = {self.augment!r}: valid values are {', '.join(AUGMENTS)}")
+        if self.dsa_space not in SPACES:
+            raise ConfigError(f"dsa_space = {self.dsa_space!r}: valid values are {', '.join(SPACES)}")
+        if self.init not in INITS:
+            raise ConfigError(f"init = {self.init!r}: valid values are {', '.join(INITS)}")
         if min(self.ipc, self.iterations, self.syn_steps, self.expert_epochs, self.max_start_epoch,
                self.trajectories) < 1:
             raise ConfigError("ipc, iterations, syn_steps, expert_epochs, max_start_epoch and trajectories must be "
@@ -123,18 +143,24 @@ def stream(seed: int, it: int, j: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + it) * 1_009 + j)
 
 
-def init_images(real: RealSet, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """IPC random real images per class, class-major: (uint8 (C*ipc, 3, S, S), labels, real indices)."""
-    gen = torch.Generator().manual_seed(seed)
+def init_images(real: RealSet, cfg: MTTConfig, model: Classifier) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """IPC images per class, class-major, normalized: (u (C*ipc, 3, S, S) float32, labels, real indices). init = real:
+    random real images of the class; noise (MTT distill.py:116 unless pix_init = real): standard normal, index -1."""
+    gen = torch.Generator().manual_seed(cfg.dist.seed)
+    if cfg.init == "noise":
+        n, size = len(real.classes) * cfg.ipc, real.pixels.shape[-1]
+        labels = torch.arange(len(real.classes)).repeat_interleave(cfg.ipc)
+        return torch.randn((n, 3, size, size), generator=gen), labels, [-1] * n
     picks = []
     for c, name in enumerate(real.classes):
         idx = real.class_indices(c)
-        if ipc > len(idx):
-            raise GuardFastError(f"ipc = {ipc} is larger than class {name!r} of the real train split "
+        if cfg.ipc > len(idx):
+            raise GuardFastError(f"ipc = {cfg.ipc} is larger than class {name!r} of the real train split "
                                  f"({len(idx)} images); use ipc <= {len(idx)}")
-        picks.append(idx[torch.randperm(len(idx), generator=gen)[:ipc]])
+        picks.append(idx[torch.randperm(len(idx), generator=gen)[:cfg.ipc]])
     chosen = torch.cat(picks)
-    return real.pixels[chosen], real.labels[chosen], chosen.tolist()
+    x = real.pixels[chosen].to(model.mean.device).float() / 255  # (C*ipc, 3, S, S) in [0, 1]
+    return model.normalize(x), real.labels[chosen], chosen.tolist()
 
 
 @torch.no_grad()
@@ -172,13 +198,13 @@ def run_mtt(cfg: MTTConfig, info: DistInfo) -> dict[str, Any]:
                           f"{manifest['epochs']} epochs; use max_start_epoch <= "
                           f"{manifest['epochs'] - cfg.expert_epochs + 1}")
     real = load_real(cfg.data, "train")
-    pixels0, labels, picked = init_images(real, cfg.ipc, cfg.dist.seed)
+    u0, labels, picked = init_images(real, cfg, model)
     key = synth_key(cfg, asdict(spec), manifest["key"])
     run.start()  # inputs checked: write the run's record
     state_path = run.path / "state.pt"
     lo = ((0 - model.mean) / model.std).to(info.device)  # (1, 3, 1, 1) valid normalized range per channel
     hi = ((1 - model.mean) / model.std).to(info.device)
-    u = model.normalize(pixels0.to(info.device).float() / 255).requires_grad_(True)  # (C*ipc, 3, S, S)
+    u = u0.to(info.device).requires_grad_(True)  # (C*ipc, 3, S, S) normalized
     syn_lr = torch.tensor(cfg.lr_teacher, device=info.device).requires_grad_(True)
     opt_img = torch.optim.SGD([u], lr=cfg.lr_img, momentum=cfg.momentum)
     opt_lr = torch.optim.SGD([syn_lr], lr=cfg.lr_lr, momentum=cfg.momentum)
@@ -191,7 +217,8 @@ def run_mtt(cfg: MTTConfig, info: DistInfo) -> dict[str, Any]:
         start_it = int(state["iteration"])
     labels = labels.to(info.device)
     experts = Trajectories(cfg.buffer, manifest, info.device)
-    grads, augment = GRADS[cfg.method], build_augment(cfg.augment, model.mean, model.std)
+    grads = functools.partial(tesla_grads, exact=cfg.tesla_exact) if cfg.method == "tesla" else GRADS[cfg.method]
+    augment = build_augment(cfg.augment, model.mean, model.std, space=cfg.dsa_space)
     batch = cfg.batch_syn or len(labels)
 
     def save_state(it: int) -> None:
@@ -225,8 +252,9 @@ def run_mtt(cfg: MTTConfig, info: DistInfo) -> dict[str, Any]:
         syn_lr.grad = packed[-2] / cfg.trajectories
         opt_img.step()
         opt_lr.step()
-        with torch.no_grad():
-            u.copy_(torch.maximum(torch.minimum(u, hi), lo))
+        if cfg.clamp:
+            with torch.no_grad():
+                u.copy_(torch.maximum(torch.minimum(u, hi), lo))
         bar.update(1)
         if (it + 1) % cfg.output.log_every == 0 or it + 1 == cfg.iterations:
             loss_avg = float(packed[-1]) / cfg.trajectories  # host sync: log interval only
@@ -250,23 +278,25 @@ def run_mtt(cfg: MTTConfig, info: DistInfo) -> dict[str, Any]:
 def _write_set(run: RunDir, cfg: MTTConfig, model: Classifier, net: FlatNet, experts: Trajectories, u: torch.Tensor,
                labels: torch.Tensor, syn_lr: float, classes: list[str], picked: list[int], key: str,
                manifest: dict[str, Any], losses: list[float]) -> dict[str, Any]:
-    """Images as the shared synthetic-set format; the learned lr (and TESLA's soft labels) in its manifest."""
-    pixels = to_uint8(model.denormalize(u).clamp(0, 1))
+    """The float images (pixels.pt) and their 8-bit view as the shared synthetic-set format; the learned lr (and
+    TESLA's soft labels) in its manifest."""
+    floats = model.denormalize(u)  # (N, 3, S, S) pixel units, unclamped
+    pixels = to_uint8(floats)
     items = [{"label": int(c), "ipc_index": i % cfg.ipc, "init_real_index": r}
              for i, (c, r) in enumerate(zip(labels.tolist(), picked, strict=True))]
     meta = {"images_key": key, "ipc": cfg.ipc, "image_size": int(u.shape[-1]), "dataset": cfg.data.dataset,
             "method": cfg.method, "syn_lr": syn_lr, "iterations": cfg.iterations, "buffer_key": manifest["key"]}
     if cfg.labels == "expert":
-        # the soft labels of the stored (8-bit) images, from expert 0 at the latest target epoch the run matched
+        # the soft labels of the float images, from expert 0 at the latest target epoch the run matched
         epoch = cfg.max_start_epoch - 1 + cfg.expert_epochs
         _, theta = experts.pair(0, epoch - cfg.expert_epochs, cfg.expert_epochs)
-        stored = model.normalize(pixels.to(u.device).float() / 255)
-        probs = expert_soft_labels(net, theta, stored).cpu()
+        probs = expert_soft_labels(net, theta, u).cpu()
         h = content_hash(pixels, torch.tensor([it["label"] for it in items]))
         atomic_torch_save(run.path / SOFT_LABELS_FILE, {"content_hash": h, "probs": probs})
         meta["soft_labels"] = {"file": SOFT_LABELS_FILE, "expert": 0, "epoch": epoch,
                                "what": "softmax of the expert's logits, (N, C) float32 in manifest order"}
-    out = write_synthetic(run.path, pixels, items, classes, meta)
+    meta["init"], meta["clamp"] = cfg.init, cfg.clamp
+    out = write_synthetic(run.path, pixels, items, classes, meta, floats=floats)
     save_grid(run.path / "grid.png", pixels, labels.cpu(), cfg.grid_classes)
     result = {"images": len(items), "ipc": cfg.ipc, "method": cfg.method, "syn_lr": syn_lr,
               "content_hash": out["content_hash"], "loss_first": losses[0] if losses else None,

@@ -116,9 +116,12 @@ def evaluate_model(model: torch.nn.Module, loader: Iterable, attack_cfg: AttackC
                 if len(yc):
                     s = batch_seed(seed, j, batch)
                     torch.manual_seed(s)  # PGD's random start; Square/APGD/FAB reseed from `s` themselves
-                    adv = build_attack(name, model, attack_cfg, eps or 0.0, num_classes, s)(xc, yc)
+                    whole = attack_cfg.couples_batch(name)  # the batch-L1 MIM sees the whole batch, as the authors'
+                    adv = build_attack(name, model, attack_cfg, eps or 0.0, num_classes, s)(*((x, y) if whole
+                                                                                           else (xc, yc)))
                     with torch.no_grad():
-                        counts[j] += (model(adv).argmax(1) == yc).sum()
+                        hit = model(adv).argmax(1) == (y if whole else yc)
+                        counts[j] += (hit & correct).sum() if whole else hit.sum()
                 _sync(device)  # host sync: per attack and batch, for honest wall times
                 seconds[j] += time.perf_counter() - t
                 bar.update(1)

@@ -3,11 +3,13 @@
 DC's `evaluate_synset` (VICO-UoE/DatasetCondensation utils.py): a fresh ConvNet, SGD momentum 0.9, weight decay
 5e-4 on every parameter, lr 0.01 multiplied by 0.1 (not halved) after epoch Epoch//2 + 1, batch 256 shuffled with the
 last partial batch kept, CE loss, 300 epochs (1000 with augmentation; set optim.epochs). With `augment = "dsa"` every
-batch gets DSA with one draw per image (the reference's seed = -1 path; guard_fast/data/dsa.py).
+batch gets DSA with one draw per image (the reference's seed = -1 path; guard_fast/data/dsa.py), acting on the
+normalized images as the authors' code does (dsa_space; "pixel" is our earlier [0,1]-pixel behaviour). The images
+are the set's float tensors when it has them (as the reference, which trains on the tensors it optimized);
+quantize = true trains on the 8-bit PNG values instead.
 
 Differences from the reference: we run `epochs` epochs (the reference loops Epoch + 1 times); at the decay we keep
-SGD's momentum (the reference rebuilds the optimizer, resetting it); the images are the 8-bit PNGs of the synthetic
-set (the reference trains on the float tensors it optimized).
+SGD's momentum (the reference rebuilds the optimizer, resetting it).
 
 Distribution: each global batch (a seeded shuffle per epoch, the same for any world size) is split into contiguous
 per-rank slices; every rank's loss is its slice's CE sum times world / (global batch size), so DeepSpeed's gradient
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 from guard_fast.attacks.accuracy import accuracy
 from guard_fast.data import build_loader
-from guard_fast.data.dsa import STRATEGY, apply_dsa, check_strategy, sample_dsa
+from guard_fast.data.dsa import SPACES, STRATEGY, apply_dsa_in, check_strategy, sample_dsa
 from guard_fast.data.presets import resolve_dataset
 from guard_fast.data.synthetic import SyntheticSet, load_synthetic
 from guard_fast.models import ModelConfig, model_from_config, prepare_model
@@ -64,6 +66,12 @@ class HardTrainConfig:
     """none, or dsa (differentiable siamese augmentation, one draw per image)"""
     dsa_strategy: str = STRATEGY
     """DSA groups joined by '_' (augment = dsa)"""
+    dsa_space: str = "normalized"
+    """where DSA acts (augment = dsa): normalized (the authors' code: brightness in std units, mean-colour fill) or
+    pixel ([0,1] pixels, black fill)"""
+    quantize: bool = False
+    """train on the 8-bit PNG values of a float set (default: its float tensors, as the authors' code); sets without
+    floats (recover's) are always their PNGs"""
     resume: bool = False
     """continue from the newest complete checkpoint in output.dir/checkpoints (a fresh start if there is none)"""
     stop_after: int = 0
@@ -85,6 +93,8 @@ class HardTrainConfig:
             check_strategy(self.dsa_strategy)
         except ValueError as e:
             raise ConfigError(f"dsa_strategy: {e}") from None
+        if self.dsa_space not in SPACES:
+            raise ConfigError(f"dsa_space = {self.dsa_space!r}: valid values are {', '.join(SPACES)}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size = {self.batch_size}: must be >= 1")
         if self.labels not in ("hard", "soft"):
@@ -130,7 +140,8 @@ def run_train_hard(cfg: HardTrainConfig, info: DistInfo) -> dict[str, Any]:
     n = len(images.labels)
     if n < info.world:
         raise GuardFastError(f"{cfg.images} holds {n} images, fewer than the {info.world} ranks")
-    pixels = images.pixels.float().div(255).to(info.device)  # (N, 3, S, S) in [0, 1]
+    pixels = images.train_pixels(cfg.quantize).to(info.device)  # (N, 3, S, S) pixel units
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (spec.mean, spec.std))
     labels = set_labels(cfg, images).to(info.device)  # (N,) class ids or (N, C) probabilities
     optim = copy.deepcopy(cfg.optim)
     if cfg.lr_from_set:
@@ -156,7 +167,8 @@ def run_train_hard(cfg: HardTrainConfig, info: DistInfo) -> dict[str, Any]:
             x, y = pixels[ids], labels[ids]
             if cfg.augment == "dsa":  # one draw per image of the global batch, seeded by (seed, epoch, batch)
                 gen = torch.Generator().manual_seed((cfg.dist.seed * 1_000_003 + epoch) * 100_003 + b)
-                x = apply_dsa(x, sample_dsa(gen, cfg.dsa_strategy, x.shape[2], x.shape[3], len(ids)))
+                draw = sample_dsa(gen, cfg.dsa_strategy, x.shape[2], x.shape[3], len(ids))
+                x = apply_dsa_in(x, draw, cfg.dsa_space, "pixel", mean, std)
             xs, ys = x.tensor_split(info.world)[info.rank], y.tensor_split(info.world)[info.rank]
             loss = F.cross_entropy(engine(xs.to(dtype)).float(), ys, reduction="sum") * (info.world / len(ids))
             engine.backward(loss)
@@ -168,4 +180,6 @@ def run_train_hard(cfg: HardTrainConfig, info: DistInfo) -> dict[str, Any]:
             metrics = accuracy(engine.module, val, max_batches=cfg.val_batches, dtype=dtype)
             trainer.log_validation(epoch, metrics)
     return trainer.finish("student.pt", {"steps": trainer.step, "images": n, "augment": cfg.augment,
-                                         "content_hash": images.content_hash, "val": metrics})
+                                         "content_hash": images.content_hash, "val": metrics,
+                                         "trained_on": "floats" if images.floats is not None and not cfg.quantize
+                                         else "8-bit"})

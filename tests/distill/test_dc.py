@@ -113,8 +113,9 @@ def test_output_is_a_synthetic_set(full_run):
     s = load_synthetic(full_run, 10)
     assert s.pixels.shape == (20, 3, 8, 8) and s.labels.tolist() == [c for c in range(10) for _ in range(2)]
     assert (full_run / "grid.png").stat().st_size > 0 and s.manifest["method"] == "GUARD(DC)"
-    start = images(full_run).new_tensor(0)  # the images moved away from their real initialization
-    assert not torch.equal(images(full_run), start)
+    # space = pixel (main_CURE.py): the optimized tensors are pixels, stored unclamped as the float set
+    assert s.manifest["space"] == "pixel" and s.manifest["init"] == "noise" and not s.manifest["clamp"]
+    assert torch.equal(s.floats, images(full_run).float()) and s.floats.min() < 0 and s.floats.max() > 1
 
 
 def test_resume_equals_uninterrupted(small_digits, full_run, tmp_path):
@@ -148,7 +149,8 @@ def one_error(args: list[str]) -> str:
 @pytest.mark.subprocess
 def test_bad_inputs_are_one_line_errors(small_digits, tmp_path):
     assert "ipc = 9 exceeds the 8 train images of class '0'" in one_error(dc_args(small_digits, tmp_path / "a",
-                                                                                   "--ipc=9"))
+                                                                                   "--ipc=9", "--init=real"))
+    assert "space = 'zca'" in one_error(dc_args(small_digits, tmp_path / "a", "--space=zca"))
     empty = copy_subset(small_digits, tmp_path / "empty", {"train": 8, "val": 2})
     for p in (empty / "train" / "3").iterdir():
         p.unlink()
@@ -176,10 +178,34 @@ def test_method_registry_plans_dc_then_train_hard(tmp_path):
 
 @pytest.mark.parametrize("ipc", [1, 10, 50])
 def test_paper_scale_presets(ipc):
+    """Table 5 presets are main_CURE.py's setting (pixel space, noise, no clamp, float students, its MIM step), both
+    protocols; the VICO preset is DC's own paper code (normalized space)."""
     from guard_fast.pipeline import PipelineConfig
 
     cfg = load_config(PipelineConfig, REPO / f"configs/cifar10/pipeline-dc-ipc{ipc}.toml")
     assert cfg.ipc == [ipc] and cfg.dc.iterations == 1000 and cfg.dc.model.width == 128
+    assert (cfg.dc.space, cfg.dc.init, cfg.dc.clamp, cfg.train_hard.quantize) == ("pixel", "noise", False, False)
+    assert (cfg.evaluate.attack.mim_alpha_frac, cfg.evaluate.attack.mim_grad_norm) == (0.25, "batch")
+    assert cfg.methods == ["dc:protocol=authors", "dc:guard=true:protocol=authors", "dc", "dc:guard=true"]
     dc = load_config(type(cfg.dc), None, [f"--ipc={ipc}"])
     assert dc.loops() == {1: (1, 1), 10: (10, 50), 50: (50, 10)}[ipc]
-    assert (cfg.train_hard.optim.schedule, cfg.train_hard.optim.epochs) == ("step", 300)
+    assert (cfg.train_hard.optim.schedule, cfg.train_hard.optim.epochs) == ("step", 301)
+    vico = load_config(PipelineConfig, REPO / "configs/cifar10/pipeline-dc-vico-ipc10.toml")
+    assert (vico.dc.space, vico.dc.init, vico.dc.clamp, vico.methods) == ("normalized", "noise", False, ["dc"])
+
+
+def test_protocols_set_student_epochs_and_share_the_distilled_set(tmp_path):
+    """protocol=authors: main_CURE.py's 301 (DC) / 1001 (GUARD(DC)) student epochs; matched: train_hard's for
+    both. The two protocols of a method read one dc stage."""
+    from guard_fast.pipeline import PipelineConfig, plan_pipeline
+
+    methods = "dc:protocol=authors,dc:guard=true:protocol=authors,dc,dc:guard=true"
+    cfg = load_config(PipelineConfig, None, [f"--methods={methods}", "--ipc=10", "--train_hard.optim.epochs=77"])
+    chains = {label: {s.kind: s for s in stages} for label, _, stages in plan_pipeline(cfg, tmp_path)}
+    epochs = {label: st["train-hard"].config.optim.epochs for label, st in chains.items()}
+    assert epochs == {"DC authors' protocol": 301, "GUARD(DC) authors' protocol": 1001, "DC": 77, "GUARD(DC)": 77}
+    dc = {label: st["dc"].folder for label, st in chains.items()}
+    assert dc["DC"] == dc["DC authors' protocol"] == tmp_path / "dc/ipc10/dc"
+    assert dc["GUARD(DC)"] == dc["GUARD(DC) authors' protocol"] == tmp_path / "dc-guard-true/ipc10/dc"
+    assert chains["GUARD(DC)"]["dc"].config.guard and not chains["DC"]["dc"].config.guard
+    assert len({st["train-hard"].folder for st in chains.values()}) == 4

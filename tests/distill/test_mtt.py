@@ -83,13 +83,73 @@ def test_minibatches_follow_mtt_permutations():
 
 @pytest.mark.parametrize("lr", [0.01, 0.1])
 def test_tesla_equals_mtt_for_one_step(lr):
-    """TESLA's computation is exact when the student takes one step (theta_0 does not depend on the images)."""
+    """TESLA's computation with the exact coefficient is exact when the student takes one step (theta_0 does not
+    depend on the images); the default (TESLA's code) image gradient is half of it."""
     net, start, target, images, labels = tiny_case()
     steps = [Step(torch.tensor([0, 2, 3, 5]), 0)]
     a = mtt_grads(net, images, labels, torch.tensor(lr, dtype=torch.float64), start, target, steps)
-    b = tesla_grads(net, images, labels, torch.tensor(lr, dtype=torch.float64), start, target, steps)
+    b = tesla_grads(net, images, labels, torch.tensor(lr, dtype=torch.float64), start, target, steps, exact=True)
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-14)
+    code = tesla_grads(net, images, labels, torch.tensor(lr, dtype=torch.float64), start, target, steps)
+    torch.testing.assert_close(code[1], a[1] / 2, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(code[2], a[2], rtol=1e-10, atol=1e-14)
+
+
+def tesla_code_grads(net, images, labels, lr, start, target, steps, augment=no_augment):
+    """What justincui03/tesla distill.py (488842e) computes for one iteration, written from reading it: pass 1
+    (:375-400) walks the student with detached gradients, keeping each step's parameters (derived from the leaf
+    theta_0), its augmented batch (a graph back to the selected images) and G = sum of the gradients; pass 2
+    (:406-420) differentiates (alpha (theta* - theta_0) + alpha^2 G) . g_i / D with respect to the selected images,
+    through g_i = dCE/dtheta at theta_i; the lr gradient (:425-428) differentiates ||theta_0 - lr G - theta*||^2 / D.
+    Line 418's `2 * torch.autograd.grad(...)` multiplies a tuple: it repeats it, and element [0] (:420) is the
+    gradient itself, coefficient 1."""
+    alpha = float(lr)
+    image_syn = images.detach().clone().requires_grad_(True)
+    theta0 = start.detach().clone().requires_grad_(True)
+    params, selected, batches, gsum = [theta0], [], [], torch.zeros_like(start)
+    for s in steps:  # pass 1
+        chosen = image_syn[s.indices]
+        x = augment(chosen, s.seed)
+        g = torch.autograd.grad(F.cross_entropy(net(params[-1], x), labels[s.indices]), params[-1],
+                                create_graph=True)[0].detach()
+        params.append(params[-1] - alpha * g)
+        gsum += g
+        selected.append(chosen)
+        batches.append(x)
+    dist = ((start - target) ** 2).sum()
+    image_grad = torch.zeros_like(images)
+    for i, s in enumerate(steps):  # pass 2
+        g_i = torch.autograd.grad(F.cross_entropy(net(params[i], batches[i]), labels[s.indices]), params[i],
+                                  create_graph=True)[0]
+        inner = (alpha * (target - start) + alpha ** 2 * gsum) @ g_i / dist
+        repeated = 2 * torch.autograd.grad(inner, selected[i], retain_graph=True)  # a tuple, twice
+        assert len(repeated) == 2 and repeated[0] is repeated[1]
+        image_grad.index_add_(0, s.indices, repeated[0])
+    lr_leaf = torch.tensor(alpha, dtype=start.dtype, requires_grad=True)
+    resid = start - lr_leaf * gsum - target
+    loss = resid @ resid / dist
+    (lr_grad,) = torch.autograd.grad(loss, lr_leaf)
+    return loss.detach(), image_grad, lr_grad
+
+
+@pytest.mark.parametrize("n,aug", [(1, "none"), (4, "none"), (3, "dsa")])
+def test_tesla_default_is_teslas_code_and_exact_is_twice_it(n, aug):
+    """Default image gradient = TESLA's code's (measured ratio to the exact derivative: 1/2); exact = True doubles it;
+    loss and lr gradient agree either way."""
+    net, start, target, images, labels = tiny_case(seed=2)
+    steps = plan_steps(len(labels), 3, n, torch.Generator().manual_seed(4), 7)
+    lr = torch.tensor(0.02, dtype=torch.float64)
+    mean, std = torch.full((1, 3, 1, 1), 0.3, dtype=torch.float64), torch.full((1, 3, 1, 1), 0.35, dtype=torch.float64)
+    augment = build_augment(aug, mean, std)
+    want = tesla_code_grads(net, images, labels, lr, start, target, steps, augment)
+    got = tesla_grads(net, images, labels, lr, start, target, steps, augment)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-15)
+    exact = tesla_grads(net, images, labels, lr, start, target, steps, augment, exact=True)
+    torch.testing.assert_close(exact[1], 2 * want[1], rtol=1e-10, atol=1e-15)
+    torch.testing.assert_close(exact[2], want[2], rtol=1e-10, atol=1e-15)
+    assert want[1].abs().sum() > 0
 
 
 def direct_dependency_grads(net, images, labels, lr, start, target, steps, augment=no_augment):
@@ -117,7 +177,7 @@ def test_tesla_gradient_is_mtts_without_cross_step_terms(n, aug):
     lr = torch.tensor(0.01, dtype=torch.float64)
     augment = build_augment(aug, torch.full((1, 3, 1, 1), 0.3, dtype=torch.float64),
                             torch.full((1, 3, 1, 1), 0.35, dtype=torch.float64))
-    tesla = tesla_grads(net, images, labels, lr, start, target, steps, augment)
+    tesla = tesla_grads(net, images, labels, lr, start, target, steps, augment, exact=True)
     want = direct_dependency_grads(net, images, labels, lr, start, target, steps, augment)
     for x, y in zip(tesla, want, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-14)
@@ -218,6 +278,23 @@ def test_distill_resume_equals_uninterrupted(small, buffer, tmp_path, method, la
         soft = torch.load(tmp_path / "full" / s.manifest["soft_labels"]["file"], weights_only=True)
         assert soft["content_hash"] == s.content_hash and soft["probs"].shape == (20, 10)
         torch.testing.assert_close(soft["probs"].sum(1), torch.ones(20))
+
+
+def test_stored_set_is_the_unclamped_floats_and_init_follows_the_option(small, buffer, tmp_path):
+    """MTT/TESLA never clip (their distill.py); pixels.pt is the optimized tensors, the PNGs their 8-bit view;
+    init = noise starts from standard normal normalized pixels (MTT distill.py:116), clamp = true clips."""
+    from guard_fast.data.synthetic import load_synthetic, to_uint8
+
+    mtt(small, buffer, tmp_path / "noise", "--init=noise", "--method=tesla")
+    s = load_synthetic(tmp_path / "noise", num_classes=10)
+    state = torch.load(tmp_path / "noise/state.pt", weights_only=True)
+    mean, std = (torch.tensor((0.3095,) * 3).view(1, 3, 1, 1), torch.tensor((0.3489,) * 3).view(1, 3, 1, 1))
+    torch.testing.assert_close(s.floats, state["images"] * std + mean)
+    assert torch.equal(s.pixels, to_uint8(s.floats)) and (s.floats.min() < 0 or s.floats.max() > 1)
+    assert s.manifest["init"] == "noise" and {it["init_real_index"] for it in s.manifest["items"]} == {-1}
+    mtt(small, buffer, tmp_path / "clamped", "--init=noise", "--method=tesla", "--clamp=true")
+    c = load_synthetic(tmp_path / "clamped", num_classes=10).floats
+    assert c.min() >= -1e-6 and c.max() <= 1 + 1e-6
 
 
 @pytest.mark.multirank
