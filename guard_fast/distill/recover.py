@@ -24,6 +24,7 @@ from guard_fast.data.presets import resolve_dataset
 from guard_fast.data.synthetic import class_names, save_grid, to_uint8, write_synthetic
 from guard_fast.models import Classifier, ModelConfig, model_from_config, prepare_model
 from guard_fast.runtime import distributed as D
+from guard_fast.runtime.cluster import open_run
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
 from guard_fast.runtime.distributed import DistInfo
 from guard_fast.runtime.errors import ConfigError, GuardFastError
@@ -188,7 +189,7 @@ def run_recover(cfg: RecoverConfig, info: DistInfo) -> dict[str, Any]:
     """Synthesize cfg.ipc images per class into output.dir (images/, manifest.json, grid.png, result.json)."""
     if not cfg.model.checkpoint:  # checked here, not in validate(): the pipeline fills it in after squeeze
         raise ConfigError("model.checkpoint: recover needs the teacher's checkpoint (squeeze's teacher.pt)")
-    run = RunDir(cfg.output.dir, cfg, is_main=info.is_main, device=info.device)
+    run = open_run(cfg.output.dir, cfg, info=info)  # every rank agrees on the folder
     spec = resolve_dataset(cfg.data)
     size = spec.image_size
     key = images_key(cfg, asdict(spec))
