@@ -26,7 +26,7 @@ from guard_fast.models import Classifier, ModelConfig, model_from_config, prepar
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.cluster import open_run
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
-from guard_fast.runtime.distributed import DistInfo
+from guard_fast.runtime.distributed import DistInfo, setup_phase
 from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.io import atomic_json, atomic_torch_save, file_sha256, saved_with_key
 from guard_fast.runtime.rundir import RunDir
@@ -190,11 +190,12 @@ def run_recover(cfg: RecoverConfig, info: DistInfo) -> dict[str, Any]:
     if not cfg.model.checkpoint:  # checked here, not in validate(): the pipeline fills it in after squeeze
         raise ConfigError("model.checkpoint: recover needs the teacher's checkpoint (squeeze's teacher.pt)")
     run = open_run(cfg.output.dir, cfg, info=info)  # every rank agrees on the folder
-    spec = resolve_dataset(cfg.data)
-    size = spec.image_size
-    key = images_key(cfg, asdict(spec))
-    teacher = model_from_config(cfg.model, spec)
-    teacher = prepare_model(teacher.to(info.device).eval().requires_grad_(False), cfg.model)
+    with setup_phase():  # rank-local work: an error on any rank stops every rank with one line
+        spec = resolve_dataset(cfg.data)
+        size = spec.image_size
+        key = images_key(cfg, asdict(spec))
+        teacher = model_from_config(cfg.model, spec)
+        teacher = prepare_model(teacher.to(info.device).eval().requires_grad_(False), cfg.model)
     run.start()  # inputs checked: write the run's record
     chunks = chunk_items(spec.num_classes, cfg.ipc, cfg.batch_size)
     mine = list(range(info.rank, len(chunks), info.world))

@@ -96,7 +96,8 @@ def init_distributed(cfg: DistConfig | None = None) -> DistInfo:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=cfg.timeout_s),
                                 device_id=device if device.type == "cuda" else None)
-        _CONTROL = dist.new_group(backend="gloo") if backend == "nccl" else None
+        timeout = timedelta(seconds=cfg.timeout_s)  # new groups do not inherit it (torch's default is 30 min)
+        _CONTROL = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
     info = DistInfo(rank=rank, world=world, local_rank=local_rank, device=device)
     me = {"rank": rank, "host": socket.gethostname(), "local_rank": local_rank, "pid": os.getpid(),
           "device": str(device), "torch_threads": torch.get_num_threads()}

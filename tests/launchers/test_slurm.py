@@ -94,7 +94,7 @@ def test_usr1_to_the_batch_shell_checkpoints_every_rank_and_requeues(digits_subs
            "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_ID": "77", "PROCS_PER_NODE": "2",
            "RDZV_PORT": str(port), "VENV": str(Path(sys.executable).parent), "FAKE_LOG": str(tmp_path / "calls")}
     log = tmp_path / "job.log"
-    job = subprocess.Popen(["bash", str(script)], env=env, cwd=tmp_path, stdout=open(log, "w"),
+    job = subprocess.Popen(["bash", str(script)], env=env, cwd=REPO, stdout=open(log, "w"),  # sbatch: submit dir
                            stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while not (run / "metrics.jsonl").is_file() or len((run / "metrics.jsonl").read_text().splitlines()) < 2:

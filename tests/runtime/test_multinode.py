@@ -240,6 +240,31 @@ def test_killed_rank_ends_both_agents_in_bounded_time(data, tmp_path):
     assert no_worker_traceback(logs)
 
 
+def test_unresponsive_rank_ends_the_job_within_timeout(data, tmp_path):
+    """A rank that stops answering but keeps its sockets open (a hung node; a lost link looks the same to the
+    others) ends the job within dist.timeout_s: DeepSpeed's own gradient group included (runtime/engine.py)."""
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    args = [*SQUEEZE, *BACKENDS["torch"], f"--data.path={data['torch']}", f"--output.dir={run}",
+            "--optim.epochs=50", "--dist.timeout_s=20"]
+    procs = two_nodes("launchers/squeeze.py", [args, args], logs)
+    wait_for_step(run, 2, procs[0])
+    stopped = workers(procs[1])
+    for w in stopped:
+        os.kill(w, signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        while not error_lines(logs) and time.monotonic() - t0 < 120:
+            time.sleep(0.2)
+        waited = time.monotonic() - t0
+    finally:
+        for w in stopped:
+            os.kill(w, signal.SIGKILL)
+        finish(procs, timeout=120)
+    lines = error_lines(logs)
+    assert len(lines) == 1 and "rank 0 (host" in lines[0] and "no answer within dist.timeout_s" in lines[0], lines
+    assert waited < 20 + 30  # the timeout plus this loaded machine's slack, not torch's 30 minutes
+
+
 def test_sigterm_then_kill_then_resume_equals_uninterrupted(squeezed, data, tmp_path):
     """SIGTERM to the agent (what SLURM sends at the time limit): both ranks agree on a step, checkpoint it and stop.
     The resumed run is then SIGKILLed (no warning) and resumed from its newest periodic checkpoint. The end equals
