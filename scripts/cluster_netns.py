@@ -2,7 +2,8 @@
 (UTS namespace) and, where an experiment asks, its own disk (a tmpfs mounted in that node's mount namespace over the
 same path). One torchrun agent per node, c10d rendezvous on node A, gloo on CPU, tiny digits squeezes.
 
-Reruns the failure experiments of issue 28 and prints a Markdown table (docs/cluster.md quotes the last one):
+Reruns the failure experiments of issue 28 and prints a Markdown table (docs/cluster.md quotes the last one). Times
+count from the event (the kill, the link going down, the signal) or from the start where there is none.
 
     sudo .venv/bin/python scripts/cluster_netns.py [--out bench/results/cluster-netns]
 
@@ -63,8 +64,11 @@ def node(n: str, args: list[str], log: Path, port: int, *, private: str = "", if
     hosts = log.parent / f"hosts-{n}"
     hosts.write_text("127.0.0.1 localhost\n" + "".join(
         f"{'127.0.0.1' if (m == n and not ifname) else addr} node{m}\n" for m, addr in NODES.items()))
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-              "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{NODES['A']}:{port}", "--rdzv_id", "netns",
+    # ifname=False: static rendezvous (--node_rank/--master_addr, as `deepspeed --no_ssh` does): c10d's would already
+    # fail in the agents, which look for the endpoint among their own hostname's addresses
+    rdzv = (["--rdzv_backend", "c10d", "--rdzv_endpoint", f"{NODES['A']}:{port}", "--rdzv_id", "netns"] if ifname
+            else ["--node_rank", str(list(NODES).index(n)), "--master_addr", NODES["A"], "--master_port", str(port)])
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", *rdzv,
               "launchers/squeeze.py", *args]
     inner = f"hostname node{n}; mount --bind {shlex.quote(str(hosts))} /etc/hosts; "
     if private:
@@ -76,15 +80,31 @@ def node(n: str, args: list[str], log: Path, port: int, *, private: str = "", if
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_all(procs: list[subprocess.Popen], limit: float = 600) -> tuple[list[int | None], float]:
-    t0, codes = time.monotonic(), []
-    for p in procs:
-        try:
-            codes.append(p.wait(timeout=max(1.0, limit - (time.monotonic() - t0))))
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            codes.append(None)
-    return codes, time.monotonic() - t0
+def watch(procs: list[subprocess.Popen], logs: list[Path], since: float, grace: float = 90,
+          limit: float = 600) -> tuple[list[int | None], list[float | None], list[float | None]]:
+    """Wait for both agents: (exit codes, seconds until each node's worker printed its error line or its agent
+    ended, seconds until each agent ended). An agent still running `grace` s after both nodes' workers were done
+    (torchrun's agent waits on the rendezvous store across a downed link) is killed: its exit code reads None."""
+    n = len(procs)
+    done: list[float | None] = [None] * n
+    ended: list[float | None] = [None] * n
+    while True:
+        now = time.monotonic() - since
+        for i, (p, log) in enumerate(zip(procs, logs, strict=True)):
+            if ended[i] is None and p.poll() is not None:
+                ended[i] = round(now, 1)
+            if done[i] is None and (ended[i] is not None or ": error: " in log.read_text()):
+                done[i] = round(now, 1)
+        if all(e is not None for e in ended):
+            break
+        if now > limit or (all(d is not None for d in done) and now - max(done) > grace):  # type: ignore[type-var]
+            for i, p in enumerate(procs):
+                if ended[i] is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+            break
+        time.sleep(0.2)
+    return [p.returncode if e is not None else None for p, e in zip(procs, ended, strict=True)], done, ended
 
 
 def newest_step(run: Path) -> int:
@@ -130,8 +150,8 @@ def experiment(name: str, root: Path, data: Path, port: int, *, action=None, b_d
     if action is not None:
         action(run, procs)
         acted = time.monotonic()
-    codes, _ = wait_all(procs)
-    return {"experiment": name, "exit_codes": codes, "seconds_after_event": round(time.monotonic() - acted, 1),
+    codes, done, ended = watch(procs, logs, acted)
+    return {"experiment": name, "exit_codes": codes, "workers_done_s": done, "agents_ended_s": ended,
             "lines": lines(logs), "tracebacks": tracebacks(logs), "step": newest_step(run),
             "teacher": (run / "teacher.pt").exists(), "run": str(run)}
 
@@ -190,14 +210,15 @@ def run_all(root: Path) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| experiment | exit codes (A, B) | s after the event | worker tracebacks | newest step | outcome |",
-           "|---|---|---|---|---|---|"]
+    out = ["| experiment | exit codes (A, B) | s to each node's error line / exit (A, B) | s to agents' exit (A, B) | "
+           "worker tracebacks | newest step | outcome |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         msgs = "<br>".join(sorted({ln[:170] for ln in r["lines"]}))
         if r["teacher"]:
             msgs = "finished" + ("; weights == baseline bit for bit" if r.get("same_weights_as_baseline") else "")
-        out.append(f"| {r['experiment']} | {r['exit_codes']} | {r['seconds_after_event']} | {r['tracebacks']} | "
-                   f"{r['step']} | {msgs} |")
+        agents = ", ".join("killed" if e is None else str(e) for e in r["agents_ended_s"])
+        out.append(f"| {r['experiment']} | {r['exit_codes']} | {r['workers_done_s']} | {agents} | {r['tracebacks']} "
+                   f"| {r['step']} | {msgs} |")
     return "\n".join(out)
 
 

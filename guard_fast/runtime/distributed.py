@@ -233,7 +233,7 @@ def decide_on_main(fn: Callable[[], Any]) -> Any:
 
 
 LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out waiting",
-        "gloo/transport", "NCCL", "Socket Timeout", "connect() timed out")
+        "gloo/transport", "NCCL", "Socket Timeout", "connect() timed out", "connectFullMesh")
 
 
 def lost_ranks(e: BaseException) -> str | None:
@@ -242,11 +242,15 @@ def lost_ranks(e: BaseException) -> str | None:
     text = str(e)
     if not (isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(s in text for s in LOST))):
         return None
-    first = text.splitlines()[0][:200] if text else type(e).__name__
-    why = ("no answer within dist.timeout_s" if "imed out" in text or "Timeout" in text
+    first, low = (text.splitlines()[0][:200] if text else type(e).__name__), text.lower()
+    me = f"rank {rank() if dist.is_initialized() else os.environ.get('RANK', '0')} (host {socket.gethostname()})"
+    if "connectfullmesh" in low:  # gloo's first connection between all ranks
+        return (f"{me}: could not connect to the other ranks; a node whose hostname resolves to 127.0.0.1 advertises "
+                "that: set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME to the interface between the nodes "
+                f"(docs/cluster.md): {first}")
+    why = ("no answer within dist.timeout_s" if "timed out" in low or "timeout" in low
            else "another rank's process ended")
-    return (f"rank {rank() if dist.is_initialized() else os.environ.get('RANK', '0')} (host {socket.gethostname()})"
-            f": lost the other ranks ({why}; a failed rank prints its own error, a lost node none): {first}")
+    return f"{me}: lost the other ranks ({why}; a failed rank prints its own error, a lost node none): {first}"
 
 
 class StopRequest:

@@ -53,6 +53,9 @@ def test_lost_peer_errors_become_one_line_and_others_do_not():
     assert line and "lost the other ranks" in line and "\n" not in line
     assert "timeout_s" in D.lost_ranks(RuntimeError("[unbound_buffer.cc:78] Timed out waiting 5000ms for recv"))
     assert D.lost_ranks(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    hint = D.lost_ranks(RuntimeError("Gloo connectFullMesh failed with [pair.cc:152] timed out connecting: "
+                                     "SO_ERROR: Connection refused, remote=[127.0.0.1]:13715"))
+    assert "GLOO_SOCKET_IFNAME" in hint and "could not connect" in hint
 
 
 # ---------------------------------------------------------------------------------------------------------------
