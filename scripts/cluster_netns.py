@@ -232,7 +232,7 @@ def main() -> int:
     setup_network()
     try:
         with tempfile.TemporaryDirectory(prefix="guard-fast-netns-") as tmp:
-            rows = run_all(Path(tmp))
+            rows = json.loads(json.dumps(run_all(Path(tmp))).replace(tmp, "<tmp>"))  # no machine paths in results
     finally:
         teardown_network()
     text = table(rows)
