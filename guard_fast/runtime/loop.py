@@ -212,6 +212,7 @@ def build_trainer(model: torch.nn.Module, optim: OptimConfig, dist: DistConfig, 
         step = ckpt.load(point)[0]
         if info.is_main:
             print(f"resumed from step {step}")
+
     def start() -> None:
         run.start()  # inputs checked, checkpoint loaded: the run starts; only now is its record written
 
