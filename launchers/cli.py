@@ -42,6 +42,13 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None, 
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:  # a collective failed: another rank died, a node was lost, dist.timeout_s passed
+        from guard_fast.runtime.distributed import lost_ranks
+
+        if (line := lost_ranks(e)) is None:
+            raise
+        print(f"{prog}: error: {line}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

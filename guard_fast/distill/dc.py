@@ -56,11 +56,11 @@ from guard_fast.data.presets import resolve_dataset
 from guard_fast.data.synthetic import class_names, save_grid, to_uint8, write_synthetic
 from guard_fast.models import Classifier, ModelConfig, model_from_config
 from guard_fast.runtime import distributed as D
+from guard_fast.runtime.cluster import open_run
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
 from guard_fast.runtime.distributed import DistInfo
 from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.io import atomic_json, atomic_torch_save
-from guard_fast.runtime.rundir import RunDir
 
 LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}  # DC's get_loops
 INITS = ("real", "noise")
@@ -314,7 +314,7 @@ def train_network(cfg: DCConfig, net: Classifier, u: torch.Tensor, labels: torch
 def run_dc(cfg: DCConfig, info: DistInfo) -> dict[str, Any]:
     """Condense the train split into cfg.ipc images per class: output.dir/{images/, manifest.json, grid.png,
     images.pt (the float images), state.pt (resume), result.json}."""
-    run = RunDir(cfg.output.dir, cfg, is_main=info.is_main, device=info.device)
+    run = open_run(cfg.output.dir, cfg, info=info)  # every rank agrees on the folder
     spec = resolve_dataset(cfg.data)
     dtype = torch.float64 if cfg.float64 else torch.float32
     key = images_key(cfg, asdict(spec))

@@ -26,11 +26,11 @@ from guard_fast.distill.buffer import BUFFER, expert_path
 from guard_fast.distill.matching import AUGMENTS, FlatNet, build_augment
 from guard_fast.models import ModelConfig, model_from_config
 from guard_fast.runtime import distributed as D
+from guard_fast.runtime.cluster import open_run
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
 from guard_fast.runtime.distributed import DistInfo
 from guard_fast.runtime.errors import ConfigError
 from guard_fast.runtime.io import atomic_json, atomic_torch_save, saved_with_key
-from guard_fast.runtime.rundir import RunDir
 
 
 def _convnet() -> ModelConfig:
@@ -123,7 +123,7 @@ def accuracy_on(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tens
 
 def run_experts(cfg: ExpertsConfig, info: DistInfo) -> dict[str, Any]:
     """Train cfg.num_experts experts into output.dir (experts/expert_<e>.pt, buffer.json, result.json)."""
-    run = RunDir(cfg.output.dir, cfg, is_main=info.is_main, device=info.device)
+    run = open_run(cfg.output.dir, cfg, info=info)  # every rank agrees on the folder
     spec = resolve_dataset(cfg.data)
     key = buffer_key(cfg, asdict(spec))
     real = load_real(cfg.data, "train", progress=info.is_main and cfg.output.progress)

@@ -40,6 +40,7 @@ from guard_fast.distill.buffer import load_trajectory, read_buffer
 from guard_fast.distill.matching import AUGMENTS, GRADS, FlatNet, build_augment, plan_steps, tesla_grads
 from guard_fast.models import Classifier, ModelConfig, model_from_config
 from guard_fast.runtime import distributed as D
+from guard_fast.runtime.cluster import open_run
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
 from guard_fast.runtime.distributed import DistInfo
 from guard_fast.runtime.errors import ConfigError, GuardFastError
@@ -185,7 +186,7 @@ class Trajectories:
 def run_mtt(cfg: MTTConfig, info: DistInfo) -> dict[str, Any]:
     """Distill cfg.ipc images per class into output.dir (images/, manifest.json, grid.png, result.json; TESLA's soft
     labels in soft_labels.pt)."""
-    run = RunDir(cfg.output.dir, cfg, is_main=info.is_main, device=info.device)
+    run = open_run(cfg.output.dir, cfg, info=info)  # every rank agrees on the folder
     spec = resolve_dataset(cfg.data)
     model = model_from_config(cfg.model, spec, checkpoint="").to(info.device)
     net = FlatNet(model.body)

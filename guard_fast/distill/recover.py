@@ -24,8 +24,9 @@ from guard_fast.data.presets import resolve_dataset
 from guard_fast.data.synthetic import class_names, save_grid, to_uint8, write_synthetic
 from guard_fast.models import Classifier, ModelConfig, model_from_config, prepare_model
 from guard_fast.runtime import distributed as D
+from guard_fast.runtime.cluster import open_run
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
-from guard_fast.runtime.distributed import DistInfo
+from guard_fast.runtime.distributed import DistInfo, setup_phase
 from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.io import atomic_json, atomic_torch_save, file_sha256, saved_with_key
 from guard_fast.runtime.rundir import RunDir
@@ -188,12 +189,13 @@ def run_recover(cfg: RecoverConfig, info: DistInfo) -> dict[str, Any]:
     """Synthesize cfg.ipc images per class into output.dir (images/, manifest.json, grid.png, result.json)."""
     if not cfg.model.checkpoint:  # checked here, not in validate(): the pipeline fills it in after squeeze
         raise ConfigError("model.checkpoint: recover needs the teacher's checkpoint (squeeze's teacher.pt)")
-    run = RunDir(cfg.output.dir, cfg, is_main=info.is_main, device=info.device)
-    spec = resolve_dataset(cfg.data)
-    size = spec.image_size
-    key = images_key(cfg, asdict(spec))
-    teacher = model_from_config(cfg.model, spec)
-    teacher = prepare_model(teacher.to(info.device).eval().requires_grad_(False), cfg.model)
+    run = open_run(cfg.output.dir, cfg, info=info)  # every rank agrees on the folder
+    with setup_phase():  # rank-local work: an error on any rank stops every rank with one line
+        spec = resolve_dataset(cfg.data)
+        size = spec.image_size
+        key = images_key(cfg, asdict(spec))
+        teacher = model_from_config(cfg.model, spec)
+        teacher = prepare_model(teacher.to(info.device).eval().requires_grad_(False), cfg.model)
     run.start()  # inputs checked: write the run's record
     chunks = chunk_items(spec.num_classes, cfg.ipc, cfg.batch_size)
     mine = list(range(info.rank, len(chunks), info.world))

@@ -22,11 +22,11 @@ from guard_fast.data.synthetic import SyntheticSet, load_synthetic
 from guard_fast.data.views import EpochPlan, ViewConfig, plan_epoch, render
 from guard_fast.models import ModelConfig, model_from_config, prepare_model
 from guard_fast.runtime import distributed as D
+from guard_fast.runtime.cluster import open_run
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
-from guard_fast.runtime.distributed import DistInfo
+from guard_fast.runtime.distributed import DistInfo, setup_phase
 from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.io import atomic_json, atomic_torch_save, file_sha256, saved_with_key
-from guard_fast.runtime.rundir import RunDir
 
 
 @dataclass
@@ -75,16 +75,17 @@ def run_relabel(cfg: RelabelConfig, info: DistInfo) -> dict[str, Any]:
     """Write output.dir/labels/epoch_*.pt and labels.json; returns {'bytes': ..., 'epochs': ...}."""
     if not cfg.model.checkpoint:  # checked here, not in validate(): the pipeline fills it in after squeeze
         raise ConfigError("model.checkpoint: relabel needs the teacher's checkpoint (squeeze's teacher.pt)")
-    run = RunDir(cfg.output.dir, cfg, is_main=info.is_main, device=info.device)
-    spec = resolve_dataset(cfg.data)
-    images = load_synthetic(cfg.images, spec.num_classes)
-    size = spec.image_size
-    teacher = model_from_config(cfg.model, spec)
-    teacher = prepare_model(teacher.to(info.device).eval().requires_grad_(False), cfg.model)
-    if len(images.labels) < cfg.views.batch_size:
-        raise GuardFastError(f"views.batch_size = {cfg.views.batch_size} exceeds the {len(images.labels)} images in "
-                             f"{cfg.images}; lower it")
-    key = labels_key(images.content_hash, file_sha256(cfg.model.checkpoint), cfg.views, cfg.topk, size)
+    run = open_run(cfg.output.dir, cfg, info=info)  # every rank agrees on the folder
+    with setup_phase():  # rank-local work: an error on any rank stops every rank with one line
+        spec = resolve_dataset(cfg.data)
+        images = load_synthetic(cfg.images, spec.num_classes)
+        size = spec.image_size
+        teacher = model_from_config(cfg.model, spec)
+        teacher = prepare_model(teacher.to(info.device).eval().requires_grad_(False), cfg.model)
+        if len(images.labels) < cfg.views.batch_size:
+            raise GuardFastError(f"views.batch_size = {cfg.views.batch_size} exceeds the {len(images.labels)} images "
+                                 f"in {cfg.images}; lower it")
+        key = labels_key(images.content_hash, file_sha256(cfg.model.checkpoint), cfg.views, cfg.topk, size)
     run.start()  # inputs checked: write the run's record
     folder = run.path / "labels"
     mine = [e for e in range(cfg.epochs) if e % info.world == info.rank]

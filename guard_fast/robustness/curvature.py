@@ -44,11 +44,12 @@ from guard_fast.data.loader import split_path
 from guard_fast.models import ModelConfig, model_from_config
 from guard_fast.robustness.report import default_labels
 from guard_fast.runtime import distributed as D
+from guard_fast.runtime.cluster import open_run
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
 from guard_fast.runtime.distributed import DistInfo
 from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.io import atomic_json, atomic_text, atomic_write
-from guard_fast.runtime.rundir import RunDir, environment
+from guard_fast.runtime.rundir import environment
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 # per-image metrics summarized in curvature.md: key -> (title, unit)
@@ -445,7 +446,7 @@ def run_curvature(cfg: CurvatureConfig, info: DistInfo) -> dict[str, Any]:
     paths = cfg.checkpoint_paths()
     if not paths:  # checked here, not in validate(): the pipeline fills checkpoints in
         raise ConfigError("checkpoints: nothing to measure; pass --checkpoints=a.pt,b.pt")
-    run = RunDir(cfg.output.dir, cfg, is_main=info.is_main, device=info.device)
+    run = open_run(cfg.output.dir, cfg, info=info)  # every rank agrees on the folder
     val = build_loader(cfg.data, "val", rank=info.rank, world=info.world, device=info.device,
                        batch_size=cfg.batch_size, subset=cfg.num_images, subset_seed=cfg.subset_seed,
                        shard_block=cfg.batch_size)

@@ -22,11 +22,12 @@ from guard_fast.data.presets import DatasetSpec
 from guard_fast.models import Classifier, ModelConfig, model_from_config, prepare_model
 from guard_fast.robustness.report import bar_chart, default_labels, evaluation_rows, markdown_report, row_metrics
 from guard_fast.runtime import distributed as D
+from guard_fast.runtime.cluster import open_run
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
-from guard_fast.runtime.distributed import DistInfo
+from guard_fast.runtime.distributed import DistInfo, setup_phase
 from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.io import atomic_json, atomic_text
-from guard_fast.runtime.rundir import RunDir, environment
+from guard_fast.runtime.rundir import environment
 
 
 @dataclass
@@ -174,15 +175,16 @@ def run_evaluate(cfg: EvaluateConfig, info: DistInfo) -> dict[str, Any]:
     Returns the evaluation dict (the content of evaluation.json)."""
     if not cfg.checkpoint_paths():  # checked here, not in validate(): the pipeline fills checkpoints in
         raise ConfigError("checkpoints: nothing to evaluate; pass --checkpoints=a.pt,b.pt")
-    run = RunDir(cfg.output.dir, cfg, is_main=info.is_main, device=info.device)
-    val = build_loader(cfg.data, "val", rank=info.rank, world=info.world, device=info.device,
-                       subset=cfg.num_images, subset_seed=cfg.subset_seed, shard_block=cfg.data.eval_batch_size)
-    if val.num_samples == 0:
-        raise GuardFastError(f"{split_path(cfg.data, 'val')}: no images to evaluate")
-    spec = val.spec
-    paths = cfg.checkpoint_paths()
-    labels = cfg.labels or default_labels(paths)
-    models = [load_model(cfg, spec, p) for p in paths]  # every checkpoint must load before any attack runs
+    run = open_run(cfg.output.dir, cfg, info=info)  # every rank agrees on the folder
+    with setup_phase():  # rank-local work: an error on any rank stops every rank with one line
+        val = build_loader(cfg.data, "val", rank=info.rank, world=info.world, device=info.device,
+                           subset=cfg.num_images, subset_seed=cfg.subset_seed, shard_block=cfg.data.eval_batch_size)
+        if val.num_samples == 0:
+            raise GuardFastError(f"{split_path(cfg.data, 'val')}: no images to evaluate")
+        spec = val.spec
+        paths = cfg.checkpoint_paths()
+        labels = cfg.labels or default_labels(paths)
+        models = [load_model(cfg, spec, p) for p in paths]  # every checkpoint must load before any attack runs
     run.start()  # inputs checked: write the run's record
     t0 = time.time()
     checkpoints = []

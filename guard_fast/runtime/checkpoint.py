@@ -1,6 +1,11 @@
 """Crash-safe DeepSpeed checkpoints: a checkpoint counts only once complete. DeepSpeed writes a tag folder on every
 rank, then rank 0 marks it complete (`<tag>/complete.json`) and atomically rewrites `latest.json` to name it.
 
+Per-rank state: DeepSpeed saves rank 0's module, so BatchNorm running statistics (which differ per rank: each rank
+normalizes its own batches, and GUARD's eval-mode forwards read them) and the RNG streams go to `<tag>/rank<r>.pt`
+from every rank. complete.json and latest.json record the world size and the global batch; a run resumes only on the
+same ones (`check_resumable`; docs/cluster.md says why another world size is refused rather than re-sharded).
+
 Every file is read back with `weights_only=True` (`safe_load`): a run folder is user-supplied input, and DeepSpeed's
 own loader unpickles arbitrary objects. A garbled `latest.json` falls back to the newest complete checkpoint (said on
 stderr); a truncated or tampered file is refused with one line naming it.
@@ -55,12 +60,34 @@ def _valid(entry: Any) -> bool:
 
 class Checkpointer:
     """Checkpoints under `folder/<tag>/` (DeepSpeed's model, optimizer, scheduler state; ZeRO shards per rank) plus
-    `rng_rank<r>.pt`; `latest.json` names the newest complete one. Keeps the `keep` newest."""
+    `rank<r>.pt` (RNG, buffers); `latest.json` names the newest complete one. Keeps the `keep` newest."""
 
     def __init__(self, folder: str | Path, engine, keep: int = 2):
         self.folder, self.engine, self.keep = Path(folder), engine, keep
         # DeepSpeed reads every checkpoint file through its checkpoint engine's load (weights_only=False)
         engine.checkpoint_engine.load = safe_load
+        self.layout = {"world_size": D.world_size(), "global_batch": engine.train_batch_size(),
+                       "micro_batch": engine.train_micro_batch_size_per_gpu(),
+                       "grad_accum": engine.gradient_accumulation_steps()}
+        """how this run is laid out over ranks; recorded with every checkpoint"""
+
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's own state: RNG streams and the module's buffers (BatchNorm running statistics)."""
+        return {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "buffers": {k: b.detach().clone() for k, b in self.engine.module.named_buffers()}}
+
+    def restore_rank_state(self, path: Path) -> None:
+        state = safe_load(path, map_location="cpu")
+        buffers = dict(self.engine.module.named_buffers())
+        if not isinstance(state, dict) or set(state.get("buffers", {})) != set(buffers):
+            raise CheckpointError(f"{path}: its buffers do not match this model's (another model config?)")
+        with torch.no_grad():
+            for k, b in buffers.items():
+                b.copy_(state["buffers"][k])
+        torch.set_rng_state(state["torch"])
+        if state["cuda"]:
+            torch.cuda.set_rng_state_all(state["cuda"])
 
     def save(self, step: int, state: dict[str, Any]) -> None:
         if (self.latest() or {}).get("step") == step:
@@ -71,9 +98,7 @@ class Checkpointer:
         try:
             self.engine.save_checkpoint(str(self.folder), tag=tag, client_state={"guard_fast": state},
                                         save_latest=False)
-            torch.save({"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                       self.folder / tag / f"rng_rank{D.rank()}.pt")
+            torch.save(self.rank_state(), self.folder / tag / f"rank{D.rank()}.pt")
         except OSError as e:  # disk full, quota, permissions: latest.json still names the previous checkpoint
             shutil.rmtree(self.folder / tag, ignore_errors=True)
             last = self.latest()
@@ -82,8 +107,9 @@ class Checkpointer:
                                   f"{last['tag'] if last else 'no checkpoint'}") from None
         D.barrier()  # every rank has written its part
         if D.rank() == 0:
-            atomic_json(self.folder / tag / COMPLETE, {"tag": tag, "step": step})
-            atomic_json(self.folder / "latest.json", {"tag": tag, "step": step})
+            entry = {"tag": tag, "step": step, **self.layout}
+            atomic_json(self.folder / tag / COMPLETE, entry)
+            atomic_json(self.folder / "latest.json", entry)
             tags = sorted(p.name for p in self.folder.glob("step*") if p.is_dir())
             for old in tags[: max(0, len(tags) - self.keep)]:
                 shutil.rmtree(self.folder / old, ignore_errors=True)
@@ -125,9 +151,35 @@ class Checkpointer:
                   f"checkpoint {fallback['tag']} (step {fallback['step']})", file=sys.stderr)
         return fallback
 
-    def load(self) -> tuple[int, dict[str, Any]] | None:
-        """Restore the newest complete checkpoint into the engine; (step, client state) or None if there is none."""
-        latest = self.resume_point()
+    def check_resumable(self, point: dict[str, Any]) -> dict[str, Any]:
+        """`point` if it was written with this run's world size and global batch, else one line saying why not."""
+        if point.get("world_size") is None:
+            raise CheckpointError(f"checkpoint {self.folder / point['tag']} does not record its world size (written "
+                                  "by an older guard_fast); start again with --output.overwrite=true")
+        theirs = {k: point.get(k) for k in self.layout}
+        if theirs["world_size"] != self.layout["world_size"] or theirs["global_batch"] != self.layout["global_batch"]:
+            raise CheckpointError(
+                f"checkpoint {self.folder / point['tag']} was written by {theirs['world_size']} rank(s) with a global "
+                f"batch of {theirs['global_batch']}; this run has {self.layout['world_size']} rank(s) and a global "
+                f"batch of {self.layout['global_batch']}: resume with the same nodes x processes per node and batch "
+                "settings, or start a new output.dir (docs/cluster.md)")
+        return point
+
+    def resumable_point(self) -> dict[str, Any] | None:
+        """Rank 0's decision for --resume: the resume point, checked against this run's layout (None = fresh)."""
+        point = self.resume_point()
+        return None if point is None else self.check_resumable(point)
+
+    def check_files(self, point: dict[str, Any]) -> None:
+        """This rank's own files of the checkpoint exist (before any rank starts a collective load)."""
+        path = self.folder / point["tag"] / f"rank{D.rank()}.pt"
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (incomplete checkpoint, or this rank cannot see the run folder)")
+
+    def load(self, point: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]] | None:
+        """Restore checkpoint `point` (default: the resume point) into the engine and this rank's state;
+        (step, client state), or None if there is none."""
+        latest = self.resume_point() if point is None else point
         if latest is None:
             return None
         tag = latest["tag"]
@@ -140,8 +192,5 @@ class Checkpointer:
                                   f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
         if path is None or not isinstance((client or {}).get("guard_fast"), dict):
             raise CheckpointError(f"checkpoint {self.folder / tag} could not be loaded (incomplete or corrupt)")
-        rng = safe_load(self.folder / tag / f"rng_rank{D.rank()}.pt")
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"]:
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.restore_rank_state(self.folder / tag / f"rank{D.rank()}.pt")
         return latest["step"], client["guard_fast"]

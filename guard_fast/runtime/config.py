@@ -89,8 +89,15 @@ class DistConfig:
     """fp32, or bf16 (mixed precision; for GPUs, BatchNorm buffers kept in bf16 as DeepSpeed requires)"""
     seed: int = 0
     """global seed; each rank derives its own streams from it"""
+    timeout_s: float = 600.0
+    """seconds a collective may wait for the slowest rank; a lost node or a stuck rank ends the job after this
+    (docs/cluster.md)"""
+    cpu_threads: int = 0
+    """torch CPU threads per rank (0 = this node's cores // processes on this node)"""
 
     def validate(self) -> None:
+        if self.timeout_s <= 0 or self.cpu_threads < 0:
+            raise ConfigError("dist.timeout_s must be > 0 seconds and dist.cpu_threads >= 0")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ConfigError(f"dist.backend = {self.backend!r}: valid values are 'auto', 'nccl', 'gloo'")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -113,10 +120,15 @@ class OutputConfig:
     """show progress bars on rank 0"""
     overwrite: bool = False
     """a fresh run (no --resume) may replace another run's record and checkpoints in output.dir (else an error)"""
+    loggers: list[str] = field(default_factory=list)
+    """training metrics also as: tensorboard (event files in output.dir/tensorboard), csv (output.dir/metrics.csv);
+    metrics.jsonl is always written"""
 
     def validate(self) -> None:
         if self.log_every < 1:
             raise ConfigError(f"output.log_every = {self.log_every}: must be >= 1")
+        if bad := [x for x in self.loggers if x not in ("tensorboard", "csv")]:
+            raise ConfigError(f"output.loggers = {bad}: valid values are 'tensorboard', 'csv'")
         if self.ckpt_every < 0:
             raise ConfigError(f"output.ckpt_every = {self.ckpt_every}: must be >= 0")
 

@@ -15,6 +15,7 @@ import math
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -119,6 +120,18 @@ def ensure_process_group(dist_cfg: DistConfig, device: torch.device) -> None:
     dist.init_process_group(backend=backend, rank=0, world_size=1)
 
 
+def bound_deepspeed_groups(dist_cfg: DistConfig) -> None:
+    """DeepSpeed runs its gradient all-reduces on a clone of the world group that it creates itself, with torch's
+    default timeout of 30 min (deepspeed/utils/groups.py, _clone_world_group: dist.new_group(ranks) without a
+    timeout); a lost node then hangs the job for 30 min whatever init_process_group was given. Create that clone
+    first, with dist.timeout_s (collective: every rank calls it before deepspeed.initialize)."""
+    from deepspeed.utils import groups
+
+    if dist.is_initialized() and dist.get_world_size() > 1 and groups._WORLD_GROUP is None:
+        groups._WORLD_GROUP = dist.new_group(ranks=list(range(dist.get_world_size())),
+                                             timeout=timedelta(seconds=dist_cfg.timeout_s))
+
+
 def deepspeed_config(dist_cfg: DistConfig, optim_cfg: OptimConfig, micro_batch: int) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -141,6 +154,7 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sched
     import deepspeed
 
     ensure_process_group(dist_cfg, device)
+    bound_deepspeed_groups(dist_cfg)
     model.to(device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(dist_cfg, optim_cfg, micro_batch),

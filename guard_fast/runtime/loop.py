@@ -14,12 +14,20 @@ then only its own forward and loss:
     trainer.finish("teacher.pt", result)
 
 `step_done` is the tail: a lazy non-finite check of the loss and every stat (one device-side `where`, read only at
-log/checkpoint/finish points), progress bar, metrics at `log_every`, checkpoints at `ckpt_every` on accumulation
-boundaries, `stop_after`. Nothing is written from a non-finite state: every checkpoint and the final save check first.
+log/checkpoint/finish points and agreed over ranks), progress bar, metrics at `log_every`, checkpoints at `ckpt_every`
+on accumulation boundaries, `stop_after`, and a stop request (SIGTERM / SIGUSR1) agreed over ranks at an accumulation
+boundary: checkpoint, then `Preempted`. Nothing is written from a non-finite state: every checkpoint and the final save
+check first.
+
+A logged line holds the global batch's loss and stats (the mean over ranks of the logged micro-step), images/s over all
+ranks, seconds per micro-step and the peak memory of the busiest rank since the last line (CUDA: max allocated;
+CPU: peak RSS of the process); `output.loggers` copies it to TensorBoard / CSV (runtime/metrics.py).
 """
 
 from __future__ import annotations
 
+import resource
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -27,14 +35,34 @@ from typing import Any, Iterator
 import torch
 from tqdm import tqdm
 
+from guard_fast.runtime import distributed as D
 from guard_fast.runtime.checkpoint import Checkpointer
 from guard_fast.runtime.config import DistConfig, OutputConfig
-from guard_fast.runtime.distributed import DistInfo
+from guard_fast.runtime.distributed import DistInfo, StopRequest
 from guard_fast.runtime.engine import OptimConfig, build_engine, build_optimizer, build_scheduler
 from guard_fast.runtime.errors import GuardFastError
 from guard_fast.runtime.io import atomic_json
+from guard_fast.runtime.metrics import MetricSinks
 from guard_fast.runtime.rundir import RunDir
 from guard_fast.runtime.weights import save_checkpoint
+
+NO_BAD = 2**62
+"""first_bad's 'none yet', above any step: the ranks agree on the smallest bad step with one MIN all-reduce"""
+
+
+class Preempted(GuardFastError):
+    """Stopped by SIGTERM / SIGUSR1 after writing a checkpoint; `--resume` continues. Exit code 128 + SIGTERM."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """CUDA: peak allocated since the last call (then reset); CPU: the process's peak resident set so far."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 @dataclass
@@ -52,15 +80,17 @@ class Trainer:
     """micro-steps of the whole run"""
     stop_after: int
     bar: tqdm
+    sinks: MetricSinks
     step: int = 0
     first_bad: torch.Tensor = field(default=None)  # type: ignore[assignment]
-    """0-dim long: the first micro-step whose loss or stats were non-finite (-1 = none yet); read lazily"""
+    """0-dim long: the first micro-step whose loss or stats were non-finite (NO_BAD = none yet); read lazily"""
     _t_log: float = field(default_factory=time.time)
     _n_log: int = 0
+    _steps_log: int = 0
 
     def __post_init__(self) -> None:
         if self.first_bad is None:
-            self.first_bad = torch.full((), -1, dtype=torch.long, device=self.info.device)
+            self.first_bad = torch.full((), NO_BAD, dtype=torch.long, device=self.info.device)
 
     def epochs(self) -> Iterator[tuple[int, int]]:
         """(epoch, micro-steps of it already done) until the run is complete; a resumed epoch starts at its offset."""
@@ -68,35 +98,60 @@ class Trainer:
             yield divmod(self.step, self.steps_per_epoch)
 
     def check_finite(self) -> None:
-        bad = int(self.first_bad)  # host sync: only at log/checkpoint/epoch/finish points
-        if bad >= 0:
+        """Collective: the first non-finite micro-step on any rank stops every rank with the same line."""
+        bad = int(D.all_reduce_min(self.first_bad.clone()))  # host sync: only at log/checkpoint/epoch/finish points
+        if bad < NO_BAD:
             last = self.ckpt.latest()
             raise GuardFastError(f"non-finite loss at step {bad} (epoch {bad // self.steps_per_epoch}); stopped. Last "
                                  f"good checkpoint: {last['tag'] if last else 'none'} in {self.ckpt.folder}")
 
+    def log_step(self, values: torch.Tensor, names: list[str]) -> dict[str, Any]:
+        """Collective: the global batch's loss and stats (mean over ranks), throughput, step time, peak memory."""
+        packed = torch.cat([values, values.new_tensor([self._n_log])])  # (len(names) + 1,)
+        D.all_reduce_sum(packed)
+        memory = D.all_reduce_max(torch.tensor([peak_memory_gib(self.info.device)], device=self.info.device))
+        totals = packed.tolist()  # host sync: log interval
+        elapsed = time.time() - self._t_log
+        rec = {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
+               "lr": self.scheduler.get_last_lr()[0],
+               **{k: v / self.info.world for k, v in zip(names, totals[:-1], strict=True)},
+               "images_per_s": totals[-1] / elapsed, "step_time_s": elapsed / self._steps_log,
+               "peak_memory_gib": round(float(memory), 4), "world_size": self.info.world}
+        self.log(rec)
+        self._t_log, self._n_log, self._steps_log = time.time(), 0, 0
+        return rec
+
+    def log(self, rec: dict[str, Any]) -> None:
+        self.run.log(rec)
+        self.sinks.write({"time": time.time(), **rec})
+
     def step_done(self, loss: torch.Tensor, stats: dict[str, torch.Tensor], images: int) -> bool:
-        """Call after engine.step(); True when the run must stop now (stop_after)."""
+        """Call after engine.step(); True when the run must stop now (stop_after). Raises Preempted after a
+        checkpoint when any rank got SIGTERM / SIGUSR1."""
         values = torch.stack([loss.detach().float(), *(v.detach().float() for v in stats.values())])
         bad = ~torch.isfinite(values).all()
-        self.first_bad = torch.where((self.first_bad < 0) & bad, self.step, self.first_bad)
+        self.first_bad = torch.where((self.first_bad == NO_BAD) & bad, self.step, self.first_bad)
         self.step += 1
         self._n_log += images
+        self._steps_log += 1
         self.bar.update(1)
         if self.step % self.output.log_every == 0:
             self.check_finite()
-            rate = self._n_log * self.info.world / (time.time() - self._t_log)
-            epoch = (self.step - 1) // self.steps_per_epoch
-            rec = {"step": self.step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0], "images_per_s": rate,
-                   "loss": float(loss.detach()), **{k: float(v) for k, v in stats.items()}}  # host sync: log interval
-            self.run.log(rec)
+            rec = self.log_step(values, ["loss", *stats])
             shown = {k: f"{rec[k]:.3g}" for k in ("loss", *stats)}
-            self.bar.set_postfix(**shown, img_s=f"{rate:.0f}", lr=f"{rec['lr']:.2e}")
-            self._t_log, self._n_log = time.time(), 0
+            self.bar.set_postfix(**shown, img_s=f"{rec['images_per_s']:.0f}", lr=f"{rec['lr']:.2e}")
         boundary = self.step % self.grad_accum == 0
         if boundary and self.output.ckpt_every and self.step % self.output.ckpt_every == 0:
             self.save()
+        if boundary and (signum := StopRequest.agreed()):
+            self.save()
+            self.bar.close()
+            StopRequest.uninstall()
+            raise Preempted(f"stopped by {signal.Signals(signum).name} after step {self.step}: checkpoint "
+                            f"{self.ckpt.latest()['tag']} written in {self.ckpt.folder}; rerun with --resume")
         if self.stop_after and self.step >= self.stop_after:
             self.bar.close()
+            StopRequest.uninstall()
             return True
         return False
 
@@ -120,7 +175,7 @@ class Trainer:
         return epoch + 1 == self.total // self.steps_per_epoch or bool(every and (epoch + 1) % every == 0)
 
     def log_validation(self, epoch: int, metrics: dict[str, float]) -> None:
-        self.run.log({"step": self.step, "epoch": epoch, **{f"val_{k}": v for k, v in metrics.items()}})
+        self.log({"step": self.step, "epoch": epoch, **{f"val_{k}": v for k, v in metrics.items()}})
         if self.info.is_main:
             tqdm.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
@@ -128,6 +183,7 @@ class Trainer:
         """Final check, then (rank 0) the weights-only model file and result.json in the run folder."""
         self.check_finite()
         self.bar.close()
+        StopRequest.uninstall()
         if self.info.is_main:
             save_checkpoint(self.engine.module, self.run.path / filename)
             atomic_json(self.run.path / "result.json", result)
@@ -140,7 +196,8 @@ def build_trainer(model: torch.nn.Module, optim: OptimConfig, dist: DistConfig, 
     """optimizer -> scheduler (per optimizer step) -> DeepSpeed engine -> checkpointer -> (seed) -> resume.
 
     `rng_seed` seeds the global torch RNG after construction and before resuming (a resumed run restores the RNG
-    state saved with the checkpoint instead)."""
+    state saved with the checkpoint instead). Rank 0 decides the resume point (and that its world size and global
+    batch match this run's); every rank loads that checkpoint; a failure on any rank stops every rank."""
     optimizer = build_optimizer(model, optim)
     scheduler = build_scheduler(optimizer, optim, steps_per_epoch // optim.grad_accum)
     engine = build_engine(model, optimizer, scheduler, dist, optim, micro_batch, info.device)
@@ -148,14 +205,23 @@ def build_trainer(model: torch.nn.Module, optim: OptimConfig, dist: DistConfig, 
     if rng_seed is not None:
         torch.manual_seed(rng_seed)
     step = 0
-    if resume and (loaded := ckpt.load()) is not None:
-        step = loaded[0]
+    point = D.decide_on_main(ckpt.resumable_point) if resume else None
+    if point is not None:
+        with D.setup_phase():
+            ckpt.check_files(point)
+        step = ckpt.load(point)[0]
         if info.is_main:
             print(f"resumed from step {step}")
-    run.start()  # inputs checked, checkpoint loaded: the run starts; only now is its record written
+
+    def start() -> None:
+        run.start()  # inputs checked, checkpoint loaded: the run starts; only now is its record written
+
+    D.decide_on_main(start)
     if resume:
         run.resumed_at(step)
+    sinks = MetricSinks(run.path, output.loggers, info.is_main, step if resume else None)
+    StopRequest.install()
     total = optim.epochs * steps_per_epoch
     bar = tqdm(total=total, initial=step, desc=desc, disable=not (info.is_main and output.progress))
     return Trainer(engine, scheduler, ckpt, run, info, output, optim.grad_accum, steps_per_epoch, total, stop_after,
-                   bar, step)
+                   bar, sinks, step)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from guard_fast.runtime import config as config_mod
+from guard_fast.runtime.distributed import topology
 from guard_fast.runtime.errors import GuardFastError
 from guard_fast.runtime.io import append_jsonl, atomic_json, atomic_text
 
@@ -57,7 +58,9 @@ def device_description(device: torch.device | str | None = None) -> dict[str, An
 
 
 def environment(device: torch.device | str | None = None) -> dict[str, Any]:
+    """git SHA, versions, rank 0's hardware, and the job's layout (world size, every rank's host: cluster)."""
     return {"git_sha": git_sha(), "versions": versions(), "hardware": device_description(device),
+            "cluster": topology() or {"world_size": 1, "nodes": 1, "ranks": []},
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 

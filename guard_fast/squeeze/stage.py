@@ -11,12 +11,12 @@ import torch
 from guard_fast.attacks.accuracy import accuracy
 from guard_fast.data import build_loader
 from guard_fast.models import ModelConfig, model_from_config, prepare_model
+from guard_fast.runtime.cluster import open_run
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
-from guard_fast.runtime.distributed import DistInfo
+from guard_fast.runtime.distributed import DistInfo, setup_phase
 from guard_fast.runtime.engine import OptimConfig
 from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.loop import build_trainer
-from guard_fast.runtime.rundir import RunDir
 from guard_fast.squeeze.objectives import DOUBLE_BACKWARD, ObjectiveConfig, build_objective
 
 
@@ -51,17 +51,19 @@ class SqueezeConfig:
 
 def run_squeeze(cfg: SqueezeConfig, info: DistInfo) -> dict[str, Any]:
     """Train the teacher; returns the final metrics. Writes output.dir/{teacher.pt, result.json, metrics.jsonl}."""
-    run = RunDir(cfg.output.dir, cfg, is_main=info.is_main, device=info.device, resume=cfg.resume,
-                 overwrite=cfg.output.overwrite, products=("teacher.pt",))
+    run = open_run(cfg.output.dir, cfg, info=info, resume=cfg.resume, overwrite=cfg.output.overwrite,
+                   products=("teacher.pt",))
     seed = cfg.dist.seed
-    train = build_loader(cfg.data, "train", rank=info.rank, world=info.world, device=info.device, seed=seed)
-    val = build_loader(cfg.data, "val", rank=info.rank, world=info.world, device=info.device)
-    if len(train) < cfg.optim.grad_accum:
-        raise GuardFastError(f"{cfg.data.path}: {train.num_samples} training images give {len(train)} batches of "
-                             f"{cfg.data.batch_size} per rank; need at least optim.grad_accum = {cfg.optim.grad_accum}")
-    torch.manual_seed(seed)  # identical initialization on every rank
-    model = prepare_model(model_from_config(cfg.model, train.spec).to(info.device), cfg.model)
-    objective = build_objective(cfg.objective)
+    with setup_phase():  # rank-local work: an error on any rank stops every rank with one line
+        train = build_loader(cfg.data, "train", rank=info.rank, world=info.world, device=info.device, seed=seed)
+        val = build_loader(cfg.data, "val", rank=info.rank, world=info.world, device=info.device)
+        if len(train) < cfg.optim.grad_accum:
+            raise GuardFastError(f"{cfg.data.path}: {train.num_samples} training images give {len(train)} batches "
+                                 f"of {cfg.data.batch_size} per rank; need at least optim.grad_accum = "
+                                 f"{cfg.optim.grad_accum}")
+        torch.manual_seed(seed)  # identical initialization on every rank
+        model = prepare_model(model_from_config(cfg.model, train.spec).to(info.device), cfg.model)
+        objective = build_objective(cfg.objective)
     trainer = build_trainer(model, cfg.optim, cfg.dist, cfg.output, micro_batch=cfg.data.batch_size,
                             steps_per_epoch=len(train), run=run, info=info, resume=cfg.resume,
                             stop_after=cfg.stop_after, desc="squeeze",

@@ -32,12 +32,12 @@ from guard_fast.data.dsa import SPACES, STRATEGY, apply_dsa_in, check_strategy, 
 from guard_fast.data.presets import resolve_dataset
 from guard_fast.data.synthetic import SyntheticSet, load_synthetic
 from guard_fast.models import ModelConfig, model_from_config, prepare_model
+from guard_fast.runtime.cluster import open_run
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
-from guard_fast.runtime.distributed import DistInfo
+from guard_fast.runtime.distributed import DistInfo, setup_phase
 from guard_fast.runtime.engine import OptimConfig
 from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.loop import build_trainer
-from guard_fast.runtime.rundir import RunDir
 
 AUGMENTS = ("none", "dsa")
 
@@ -130,30 +130,31 @@ def set_labels(cfg: HardTrainConfig, images: SyntheticSet) -> torch.Tensor:
 def run_train_hard(cfg: HardTrainConfig, info: DistInfo) -> dict[str, Any]:
     """Train on the distilled set's hard labels; writes output.dir/{student.pt, result.json, metrics.jsonl,
     checkpoints/}."""
-    run = RunDir(cfg.output.dir, cfg, is_main=info.is_main, device=info.device, resume=cfg.resume,
-                 overwrite=cfg.output.overwrite, products=("student.pt",))
-    spec = resolve_dataset(cfg.data)
-    images = load_synthetic(cfg.images, spec.num_classes)
-    if images.image_size != spec.image_size:
-        raise GuardFastError(f"{cfg.images}: {images.image_size} px images, but the data config says "
-                             f"{spec.image_size} px")
-    n = len(images.labels)
-    if n < info.world:
-        raise GuardFastError(f"{cfg.images} holds {n} images, fewer than the {info.world} ranks")
-    pixels = images.train_pixels(cfg.quantize).to(info.device)  # (N, 3, S, S) pixel units
-    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (spec.mean, spec.std))
-    labels = set_labels(cfg, images).to(info.device)  # (N,) class ids or (N, C) probabilities
-    optim = copy.deepcopy(cfg.optim)
-    if cfg.lr_from_set:
-        if "syn_lr" not in images.manifest:
-            raise GuardFastError(f"{cfg.images}: lr_from_set, but the set's manifest has no learned lr (syn_lr); "
-                                 "only MTT/TESLA sets do")
-        optim.lr = float(images.manifest["syn_lr"])
-    batch = min(cfg.batch_size, n)
-    steps_per_epoch = -(-n // batch)
-    val = build_loader(cfg.data, "val", rank=info.rank, world=info.world, device=info.device)
-    torch.manual_seed(cfg.dist.seed)  # identical network initialization on every rank
-    model = prepare_model(model_from_config(cfg.model, spec).to(info.device), cfg.model)
+    run = open_run(cfg.output.dir, cfg, info=info, resume=cfg.resume, overwrite=cfg.output.overwrite,
+                   products=("student.pt",))
+    with setup_phase():  # rank-local work: an error on any rank stops every rank with one line
+        spec = resolve_dataset(cfg.data)
+        images = load_synthetic(cfg.images, spec.num_classes)
+        if images.image_size != spec.image_size:
+            raise GuardFastError(f"{cfg.images}: {images.image_size} px images, but the data config says "
+                                 f"{spec.image_size} px")
+        n = len(images.labels)
+        if n < info.world:
+            raise GuardFastError(f"{cfg.images} holds {n} images, fewer than the {info.world} ranks")
+        pixels = images.train_pixels(cfg.quantize).to(info.device)  # (N, 3, S, S) pixel units
+        mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (spec.mean, spec.std))
+        labels = set_labels(cfg, images).to(info.device)  # (N,) class ids or (N, C) probabilities
+        optim = copy.deepcopy(cfg.optim)
+        if cfg.lr_from_set:
+            if "syn_lr" not in images.manifest:
+                raise GuardFastError(f"{cfg.images}: lr_from_set, but the set's manifest has no learned lr (syn_lr); "
+                                     "only MTT/TESLA sets do")
+            optim.lr = float(images.manifest["syn_lr"])
+        batch = min(cfg.batch_size, n)
+        steps_per_epoch = -(-n // batch)
+        val = build_loader(cfg.data, "val", rank=info.rank, world=info.world, device=info.device)
+        torch.manual_seed(cfg.dist.seed)  # identical network initialization on every rank
+        model = prepare_model(model_from_config(cfg.model, spec).to(info.device), cfg.model)
     trainer = build_trainer(model, optim, cfg.dist, cfg.output, micro_batch=max(1, batch // info.world),
                             steps_per_epoch=steps_per_epoch, run=run, info=info, resume=cfg.resume,
                             stop_after=cfg.stop_after, desc="train-hard")

@@ -22,12 +22,12 @@ from guard_fast.data.soft_labels import StoredLabels
 from guard_fast.data.synthetic import load_synthetic
 from guard_fast.data.views import EpochPlan, ViewConfig, num_batches, plan_epoch, rank_positions, render
 from guard_fast.models import ModelConfig, model_from_config, prepare_model
+from guard_fast.runtime.cluster import open_run
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
-from guard_fast.runtime.distributed import DistInfo
+from guard_fast.runtime.distributed import DistInfo, setup_phase
 from guard_fast.runtime.engine import OptimConfig
 from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.loop import build_trainer
-from guard_fast.runtime.rundir import RunDir
 
 SOFT_LABELS = ("stored", "online")
 
@@ -102,23 +102,24 @@ def run_train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     """Train the student; writes output.dir/{student.pt, result.json, metrics.jsonl, checkpoints/}."""
     if cfg.soft_labels == "online" and not cfg.teacher.checkpoint:  # not in validate(): the pipeline fills it in
         raise ConfigError("teacher.checkpoint: soft_labels = 'online' needs the teacher's checkpoint")
-    run = RunDir(cfg.output.dir, cfg, is_main=info.is_main, device=info.device, resume=cfg.resume,
-                 overwrite=cfg.output.overwrite, products=("student.pt",))
-    spec = resolve_dataset(cfg.data)
-    images = load_synthetic(cfg.images, spec.num_classes)
-    size, n = spec.image_size, len(images.labels)
-    if cfg.views.batch_size % info.world:
-        raise ConfigError(f"views.batch_size = {cfg.views.batch_size} must be divisible by the {info.world} ranks")
-    steps_per_epoch = num_batches(n, cfg.views.batch_size)
-    if steps_per_epoch == 0:
-        raise GuardFastError(f"views.batch_size = {cfg.views.batch_size} exceeds the {n} images in {cfg.images}")
-    stored = StoredLabels(cfg.labels, images, cfg.views, cfg.optim.epochs) if cfg.soft_labels == "stored" else None
-    teacher = None
-    if stored is None:
-        teacher = model_from_config(cfg.teacher, spec).to(info.device).eval().requires_grad_(False)
-    val = build_loader(cfg.data, "val", rank=info.rank, world=info.world, device=info.device)
-    torch.manual_seed(cfg.dist.seed)  # identical student initialization on every rank
-    model = prepare_model(model_from_config(cfg.model, spec).to(info.device), cfg.model)
+    run = open_run(cfg.output.dir, cfg, info=info, resume=cfg.resume, overwrite=cfg.output.overwrite,
+                   products=("student.pt",))
+    with setup_phase():  # rank-local work: an error on any rank stops every rank with one line
+        spec = resolve_dataset(cfg.data)
+        images = load_synthetic(cfg.images, spec.num_classes)
+        size, n = spec.image_size, len(images.labels)
+        if cfg.views.batch_size % info.world:
+            raise ConfigError(f"views.batch_size = {cfg.views.batch_size} must be divisible by the {info.world} ranks")
+        steps_per_epoch = num_batches(n, cfg.views.batch_size)
+        if steps_per_epoch == 0:
+            raise GuardFastError(f"views.batch_size = {cfg.views.batch_size} exceeds the {n} images in {cfg.images}")
+        stored = StoredLabels(cfg.labels, images, cfg.views, cfg.optim.epochs) if cfg.soft_labels == "stored" else None
+        teacher = None
+        if stored is None:
+            teacher = model_from_config(cfg.teacher, spec).to(info.device).eval().requires_grad_(False)
+        val = build_loader(cfg.data, "val", rank=info.rank, world=info.world, device=info.device)
+        torch.manual_seed(cfg.dist.seed)  # identical student initialization on every rank
+        model = prepare_model(model_from_config(cfg.model, spec).to(info.device), cfg.model)
     trainer = build_trainer(model, cfg.optim, cfg.dist, cfg.output, micro_batch=cfg.views.batch_size // info.world,
                             steps_per_epoch=steps_per_epoch, run=run, info=info, resume=cfg.resume,
                             stop_after=cfg.stop_after, desc="train")

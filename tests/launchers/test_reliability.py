@@ -87,7 +87,7 @@ def test_pickle_payload_in_model_states_is_refused_without_running(saved, tmp_pa
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("name", ["mp_rank_00_model_states.pt", "rng_rank0.pt"])
+@pytest.mark.parametrize("name", ["mp_rank_00_model_states.pt", "rank0.pt"])
 def test_truncated_checkpoint_file_is_one_line(saved, name):
     folder, _ = saved
     path = folder / "step000000002" / name
