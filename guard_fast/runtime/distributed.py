@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -118,9 +119,15 @@ def host_of(r: int) -> str:
 
 
 def teardown() -> None:
+    """Leave the process group. Called from the launchers' `finally`: on a clean exit every rank first meets the
+    others, so no rank destroys its gloo pairs while a peer still sends on them (that race aborts the process with
+    "terminate called without an active exception"); with an error in flight the peers may never arrive, so the
+    rank only leaves."""
     global _CONTROL
     StopRequest.uninstall()
     if dist.is_initialized():
+        if sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()
     _CONTROL = None
 
