@@ -16,12 +16,11 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest tests -m "not subprocess and not multirank and not slow"
 
-# GUARD vs SRe2L end to end on the bundled digits (configs/digits/demo.toml); writes runs/demo/report.md and refreshes
-# the README's demo block. Cached: a rerun skips finished stages.
+# GUARD vs SRe2L end to end on the bundled digits (configs/digits/demo.toml); writes only under data/ and runs/
+# (runs/demo/report.md, its chart and image grids). Cached: a rerun skips finished stages.
 demo: setup
 	$(PY) -m launchers.cli data prepare-digits --out data/digits
 	$(PY) -m launchers.cli pipeline --config configs/digits/demo.toml
-	$(PY) -m bench.demo_readme --run runs/demo
 
 bench: setup
 	$(PY) -m launchers.cli bench --config configs/bench/cpu.toml

@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--anchor-hours", type=float, default=29.0, help="published recover hours (one RTX 4090)")
     p.add_argument("--anchor-iterations", type=int, default=1000, help="recover iterations behind the anchor")
     p.add_argument("--iterations", type=int, default=2000, help="recover iterations of the run estimated (paper)")
-    p.add_argument("--epochs", type=int, default=300, help="relabel/student epochs (SPEC section 4)")
-    p.add_argument("--squeeze-epochs", type=int, default=50, help="teacher epochs (SPEC section 2 presets)")
+    p.add_argument("--epochs", type=int, default=300, help="relabel/student epochs (docs/spec.md section 4)")
+    p.add_argument("--squeeze-epochs", type=int, default=50, help="teacher epochs (docs/spec.md section 2 presets)")
     args = p.parse_args(argv)
 
     rates = best_rates(json.loads(Path(args.stages).read_text()))

@@ -1,9 +1,9 @@
 """Fused packing of GUARD's perturbed and clean batch: `[u + z ; u]` with z_i = h (g_i + 1e-7) / (||g_i||_2 + 1e-7).
 
-The `guard` regularizer's fast path (SPEC section 2, "the design card") runs the eval-mode forwards at u + z and at u
-as one batch of 2B. Building that batch in torch takes a norm reduction, three elementwise ops and a cat, each a full
-trip through memory (see `pack_perturbed_reference`); the Triton version reads g twice and u once and writes the 2B
-buffer once.
+The `guard` regularizer's fast path (docs/spec.md section 2, "the fast path") runs the eval-mode forwards at u + z
+and at u as one batch of 2B. Building that batch in torch takes a norm reduction, three elementwise ops and a cat,
+each a full trip through memory (see `pack_perturbed_reference`); the Triton version reads g twice and u once and
+writes the 2B buffer once.
 
 Layout. A row is one sample's D = C*H*W values. In both supported memory formats, contiguous (any rank) and
 channels_last (4-D), each sample occupies one dense block of D elements at offset b*D, only permuted inside the block.
@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-EPS = 1e-7  # SPEC: z_i = h (g_i + 1e-7) / (||g_i||_2 + 1e-7); the same constant appears in both places
+EPS = 1e-7  # docs/spec.md section 2: z_i = h (g_i + 1e-7) / (||g_i||_2 + 1e-7); the same constant in both places
 
 # Elements per program. Not autotuned: no GPU was available when this was written, so this is a conventional choice
 # for a bandwidth-bound elementwise kernel (4096 elements = 16 KiB of fp32 per operand per program, num_warps=4

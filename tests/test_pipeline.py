@@ -116,7 +116,7 @@ def test_pipeline_presets_load(name):
 
     cfg = load_config(PipelineConfig, REPO / "configs" / name)
     assert cfg.methods == ["sre2l:teacher=guard", "sre2l:teacher=none"]
-    if name != "digits/demo.toml":  # the paper's settings (SPEC sections 2-5)
+    if name != "digits/demo.toml":  # the paper's settings (docs/spec.md sections 2-5)
         assert cfg.ipc == [10, 50, 100] and cfg.recover.iterations == 2000 and cfg.train.optim.epochs == 300
         assert (cfg.train.optim.name, cfg.train.optim.lr, cfg.train.temperature) == ("adamw", 1e-3, 20.0)
         assert cfg.evaluate.attack.pgd_steps == 100 and cfg.evaluate.attack.square_queries == 5000

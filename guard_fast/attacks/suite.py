@@ -1,4 +1,4 @@
-"""Evaluation attacks on torchattacks, with the paper's settings as defaults (SPEC section 5).
+"""Evaluation attacks on torchattacks, with the paper's settings as defaults (docs/spec.md section 5).
 
 Units: every eps is an L-inf radius in [0,1] pixel units, because the attacks see the [0,1] model (normalization is
 the model's first layer, so torchattacks' own `set_normalization_used` is never called). Step sizes scale with eps:

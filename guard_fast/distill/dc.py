@@ -7,11 +7,12 @@ on the synthetic images; then (except after the last step) inner_loop epochs of 
 
 GUARD(DC) (`guard = true`): the real loss is CE + lam * R with R the curvature term of paper Eq. 11 on the real
 batch (`guard_real_loss`), following the authors' main_CURE.py (yumozi/dataset_condensation): z = h sign(g) /
-||sign(g)||_2 per image (g the input gradient of the batch-mean eval CE, in [0,1] pixel space), R = mean_i
-||grad_x ce(x+z)_i - grad_x ce(x)_i||_2 of batch-mean CE (each gradient carries 1/B, as in SPEC's guard-curvature),
-evaluated in eval mode. Values: main_CURE.py was committed with h = 3, lamda = 500 (2c46bd6) and changed in
-"Change default values for CURE" (7a38c42) to h = 0.6, lamda = 100, still the newest version; the paper and the
-repository state no run script. Our defaults are the newest committed values, h = 0.6 and lam = 100.
+||sign(g)||_2 per image (g the input gradient of the batch-mean eval CE, in [0,1] pixel space),
+R = mean_i ||grad_x ce(x+z)_i - grad_x ce(x)_i||_2 of batch-mean CE (each gradient carries 1/B, as in
+docs/spec.md section 2, guard-curvature), evaluated in eval mode. Values: main_CURE.py was committed with h = 3,
+lamda = 500 (2c46bd6) and changed in "Change default values for CURE" (7a38c42) to h = 0.6, lamda = 100, still the
+newest version; the paper and the repository state no run script. Our defaults are the newest committed values,
+h = 0.6 and lam = 100.
 
 Spaces (`space`): which tensor the synthetic images are. "pixel" is main_CURE.py's, the code behind the paper's
 Table 5 for both DC and GUARD(DC) (`--method DC` and `--method CURE` of the same script): data loaded without

@@ -10,7 +10,7 @@ For each real val image x (in [0,1] pixel space, the space the attacks use) and 
   p p^T) J is positive semi-definite, so that is the largest eigenvalue.
 - eigenvalues (top_k > 1): the next ones by deflation, power iteration on P H P with P the projector onto the
   complement of the eigenvectors found so far (each iterate re-orthogonalized), in decreasing |lambda|.
-- fd_curvature: GUARD's finite difference ||g(x + z) - g(x)|| / ||z|| with GUARD's own step (SPEC section 2):
+- fd_curvature: GUARD's finite difference ||g(x + z) - g(x)|| / ||z|| with GUARD's own step (docs/spec.md section 2):
   z_u = h (g_u + 1e-7) / (||g_u|| + 1e-7) in normalized-input space (g_u = std * g, u = (x - mean) / std), i.e. the
   pixel step z = std * z_u; gradients and ||z|| are in [0,1] pixel units, so it is comparable with lambda_max (it
   lies between g^T H g / ||g||^2 and lambda_max when H is constant along the step). x + z is not clamped to [0,1].

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 from guard_fast.attacks.suite import ATTACKS
 from guard_fast.runtime.io import atomic_write
 
-# Report columns in the paper's order (SPEC section 6): key in a row -> header.
+# Report columns in the paper's order (docs/spec.md section 6): key in a row -> header.
 COLUMNS: dict[str, str] = {"clean": "Clean", **{name: spec.column for name, spec in ATTACKS.items()}}
 
 

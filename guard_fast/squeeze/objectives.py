@@ -1,4 +1,4 @@
-"""Squeeze objectives: plain CE, the GUARD regularizers and the adversarial-training baselines (SPEC section 2).
+"""Squeeze objectives: plain CE, the GUARD regularizers and the adversarial-training baselines (docs/spec.md section 2).
 
 Interface: `loss, stats = objective(model, x, y)`. `model` is the unwrapped Classifier (x in [0,1] pixels,
 `model.normalize(x)` = u, `model.body(u)` = logits); the caller back-propagates `loss` exactly once (engine.backward,
@@ -244,7 +244,7 @@ GUARD_STRATEGIES = {"reference": guard_reference, "batched": guard_batched, "reu
 
 
 def guard(model: Classifier, x, y, cfg: ObjectiveConfig) -> tuple[torch.Tensor, Stats]:
-    """beta * |ce(u+z) - ce(u)| + ce_train (SPEC 'guard', the reference ImageNet-scale code)."""
+    """beta * |ce(u+z) - ce(u)| + ce_train (docs/spec.md section 2, 'guard': the reference ImageNet-scale code)."""
     return GUARD_STRATEGIES[cfg.strategy](model, x, y, cfg)
 
 

@@ -20,7 +20,7 @@ import torch
 
 from kernels.pack_perturbed import PackPerturbed, pack_perturbed, pack_perturbed_reference
 
-H = 3.0  # SPEC's reference step length in normalized units
+H = 3.0  # the reference step length (docs/spec.md section 2) in normalized units
 
 # (case id, shape, channels_last, dtype, atol, rtol, block). Tolerances: the kernel and the reference both compute in
 # fp32 and round once to the output dtype, but multiply in a different order (h * (g+eps) / n vs (g+eps) * (h / n)),
@@ -146,7 +146,7 @@ def test_kernel_matches_reference_cuda(case):
 
 @pytest.mark.parametrize("shape,channels_last", [((1, 5), False), ((7, 3, 4, 5), False), ((4, 3, 5, 6), True)])
 def test_reference_matches_formula(shape, channels_last):
-    """The reference against a per-row loop in float64, written straight from SPEC's formula."""
+    """The reference against a per-row loop in float64, written straight from the formula in docs/spec.md section 2."""
     inp = _inputs(shape, channels_last, torch.float32, seed=1)
     u, g = inp["u"].double(), inp["g"].double()
     expected = torch.stack([u[i] + H * (g[i] + 1e-7) / (g[i].norm() + 1e-7) for i in range(shape[0])])

@@ -1,4 +1,4 @@
-"""Each squeeze objective against a literal, independently written version of its SPEC formula."""
+"""Each squeeze objective against a literal, independently written version of its formula (docs/spec.md section 2)."""
 
 from __future__ import annotations
 

@@ -169,7 +169,7 @@ def test_presets_load(path):
 
     cfg = load_config(SqueezeConfig, path)
     assert cfg.objective.name in ("guard", "none")
-    if cfg.data.dataset != "digits":  # the paper's squeeze (SPEC section 2)
+    if cfg.data.dataset != "digits":  # the paper's squeeze (docs/spec.md section 2)
         assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.epochs, cfg.data.backend) == (0.025, 1e-4, 50, "ffcv")
 
 
