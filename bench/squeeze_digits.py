@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="data/digits")
     p.add_argument("--runs", default="runs/squeeze-digits")
     p.add_argument("--out", default=str(REPO / "results"))
-    p.add_argument("--readme", default=str(REPO / "README.md"), help="README whose squeeze-digits block to refresh "
-                   "('' = leave it)")
+    p.add_argument("--readme", default="", help="a Markdown file whose <!-- squeeze-digits:begin/end --> block to "
+                   "refresh ('' = none; the table lives in results/squeeze-digits.md)")
     args = p.parse_args(argv)
     prepare_digits(args.data)
     variants = {"none": ["--objective.name=none"]}

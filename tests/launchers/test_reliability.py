@@ -1,6 +1,6 @@
 """Faults a user meets (issue 13): nothing silently wrong, nothing lost, one line instead of a traceback.
 
-Each test is one fault from the README's reliability table; tiny shapes, in-process where possible."""
+Each test is one fault of the fault table in docs/testing.md; tiny shapes, in-process where possible."""
 
 from __future__ import annotations
 
@@ -359,7 +359,7 @@ def test_each_checkout_layer_imports_its_own_code(tmp_path):
         out = subprocess.run([str(venv / "bin/guard-fast")], capture_output=True, text=True, cwd="/", env=clean,
                              timeout=60)
         assert out.stdout.strip() == name, out.stderr
-        for script in ("torchrun", "deepspeed"):  # the README's multi-process commands start this checkout's python
+        for script in ("torchrun", "deepspeed"):  # the documented multi-process commands start this checkout's python
             if (dep / "bin" / script).exists():
                 assert (venv / "bin" / script).read_text().splitlines()[0] == f"#!{venv}/bin/python"
     assert envlib("layer_venv", str(dep), str(tmp_path / "a")).returncode == 0  # idempotent

@@ -1,7 +1,7 @@
 """scripts/gpu_check.sh (`make gpu-check`) off the GPU: one line and exit 0 without CUDA; a clear error without an env.
 
 The GPU steps themselves are exercised on CPU by `GPU_CHECK_DRY_RUN=1 bash scripts/gpu_check.sh` (minutes, not part
-of the suite: it compiles the model with torch.compile); see the README's benchmark section.
+of the suite: it compiles the model with torch.compile); see docs/benchmarks.md.
 """
 
 from __future__ import annotations
