@@ -57,6 +57,7 @@ from guard_fast.data.synthetic import class_names, save_grid, to_uint8, write_sy
 from guard_fast.models import Classifier, ModelConfig, model_from_config
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.cluster import open_run
+from guard_fast.runtime.runfolder import stage
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
 from guard_fast.runtime.distributed import DistInfo
 from guard_fast.runtime.errors import ConfigError, GuardFastError
@@ -311,6 +312,7 @@ def train_network(cfg: DCConfig, net: Classifier, u: torch.Tensor, labels: torch
             opt.step()
 
 
+@stage("dc")
 def run_dc(cfg: DCConfig, info: DistInfo) -> dict[str, Any]:
     """Condense the train split into cfg.ipc images per class: output.dir/{images/, manifest.json, grid.png,
     images.pt (the float images), state.pt (resume), result.json}."""

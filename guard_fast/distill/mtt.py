@@ -41,6 +41,7 @@ from guard_fast.distill.matching import AUGMENTS, GRADS, FlatNet, build_augment,
 from guard_fast.models import Classifier, ModelConfig, model_from_config
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.cluster import open_run
+from guard_fast.runtime.runfolder import stage
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
 from guard_fast.runtime.distributed import DistInfo
 from guard_fast.runtime.errors import ConfigError, GuardFastError
@@ -183,6 +184,7 @@ class Trajectories:
         return traj[t].to(self.device), traj[t + m].to(self.device)
 
 
+@stage("mtt")
 def run_mtt(cfg: MTTConfig, info: DistInfo) -> dict[str, Any]:
     """Distill cfg.ipc images per class into output.dir (images/, manifest.json, grid.png, result.json; TESLA's soft
     labels in soft_labels.pt)."""

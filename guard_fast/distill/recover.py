@@ -25,6 +25,7 @@ from guard_fast.data.synthetic import class_names, save_grid, to_uint8, write_sy
 from guard_fast.models import Classifier, ModelConfig, model_from_config, prepare_model
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.cluster import open_run
+from guard_fast.runtime.runfolder import stage
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
 from guard_fast.runtime.distributed import DistInfo, setup_phase
 from guard_fast.runtime.errors import ConfigError, GuardFastError
@@ -185,6 +186,7 @@ def images_key(cfg: RecoverConfig, spec_dict: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@stage("recover")
 def run_recover(cfg: RecoverConfig, info: DistInfo) -> dict[str, Any]:
     """Synthesize cfg.ipc images per class into output.dir (images/, manifest.json, grid.png, result.json)."""
     if not cfg.model.checkpoint:  # checked here, not in validate(): the pipeline fills it in after squeeze

@@ -45,6 +45,7 @@ from guard_fast.models import ModelConfig, model_from_config
 from guard_fast.robustness.report import default_labels
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.cluster import open_run
+from guard_fast.runtime.runfolder import stage
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
 from guard_fast.runtime.distributed import DistInfo
 from guard_fast.runtime.errors import ConfigError, GuardFastError
@@ -440,6 +441,7 @@ def distribution_plot(models: Sequence[dict[str, Any]], path: str | Path, title:
 # The stage
 
 
+@stage("curvature")
 def run_curvature(cfg: CurvatureConfig, info: DistInfo) -> dict[str, Any]:
     """Measure every checkpoint; rank 0 writes output.dir/{curvature.json, curvature.md, curvature.png}. Returns the
     content of curvature.json."""

@@ -11,10 +11,14 @@ from typing import Any, Callable
 
 import torch
 
+from guard_fast.runtime.runfolder import check_write
+
 
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
-    """Call `write(fileobj)` on a temp file beside `path`, then atomically rename it into place."""
+    """Call `write(fileobj)` on a temp file beside `path`, then atomically rename it into place. A path under an open
+    run folder must resolve inside it (a symlinked subfolder cannot redirect the write: runtime/runfolder.py)."""
     path = Path(path)
+    check_write(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -59,6 +63,7 @@ def saved_with_key(path: str | Path, key: str) -> bool:
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     """One JSON object per line; a line is written whole with one write() call."""
     path = Path(path)
+    check_write(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(record, default=str) + "\n")

@@ -12,6 +12,7 @@ from guard_fast.attacks.accuracy import accuracy
 from guard_fast.data import build_loader
 from guard_fast.models import ModelConfig, model_from_config, prepare_model
 from guard_fast.runtime.cluster import open_run
+from guard_fast.runtime.runfolder import stage
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
 from guard_fast.runtime.distributed import DistInfo, setup_phase
 from guard_fast.runtime.engine import OptimConfig
@@ -30,6 +31,9 @@ class SqueezeConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     resume: bool = False
     """continue from the newest complete checkpoint in output.dir/checkpoints (a fresh start if there is none)"""
+    allow_config_change: list[str] = field(default_factory=list)
+    """with --resume: config keys that may differ from the run's record (only runfolder.SAFE_CHANGES, e.g.
+    optim.epochs; docs/reliability.md)"""
     stop_after: int = 0
     """stop after this many micro-steps as if killed, keeping checkpoints (0 = train to the end; for tests)"""
     val_every: int = 1
@@ -49,10 +53,10 @@ class SqueezeConfig:
             raise ConfigError("stop_after, val_every and val_batches must be >= 0")
 
 
+@stage("squeeze")
 def run_squeeze(cfg: SqueezeConfig, info: DistInfo) -> dict[str, Any]:
     """Train the teacher; returns the final metrics. Writes output.dir/{teacher.pt, result.json, metrics.jsonl}."""
-    run = open_run(cfg.output.dir, cfg, info=info, resume=cfg.resume, overwrite=cfg.output.overwrite,
-                   products=("teacher.pt",))
+    run = open_run(cfg.output.dir, cfg, info=info)
     seed = cfg.dist.seed
     with setup_phase():  # rank-local work: an error on any rank stops every rank with one line
         train = build_loader(cfg.data, "train", rank=info.rank, world=info.world, device=info.device, seed=seed)
