@@ -28,7 +28,7 @@ from guard_fast.models import ModelConfig, model_from_config
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.cluster import open_run
 from guard_fast.runtime.runfolder import stage
-from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
+from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig, Positive
 from guard_fast.runtime.distributed import DistInfo
 from guard_fast.runtime.errors import ConfigError
 from guard_fast.runtime.io import atomic_json, atomic_torch_save, saved_with_key
@@ -49,7 +49,7 @@ class ExpertsConfig:
     """experts to train (MTT: 100)"""
     epochs: int = 50
     """epochs per expert; parameters are saved after each (MTT: 50)"""
-    lr: float = 0.01
+    lr: Positive = 0.01
     """SGD learning rate (no momentum, no weight decay, as MTT)"""
     batch_size: int = 256
     """images per SGD step (MTT: 256)"""

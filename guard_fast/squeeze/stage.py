@@ -13,7 +13,7 @@ from guard_fast.data import build_loader
 from guard_fast.models import ModelConfig, model_from_config, prepare_model
 from guard_fast.runtime.cluster import open_run
 from guard_fast.runtime.runfolder import stage
-from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
+from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig, Radius
 from guard_fast.runtime.distributed import DistInfo, setup_phase
 from guard_fast.runtime.engine import OptimConfig
 from guard_fast.runtime.errors import ConfigError, GuardFastError
@@ -40,7 +40,7 @@ class SqueezeConfig:
     """epochs between validations (0 = only at the end)"""
     val_batches: int = 0
     """validation batches per rank (0 = the whole val split)"""
-    robust_eval_eps: list[float] = field(default_factory=list)
+    robust_eval_eps: list[Radius] = field(default_factory=list)
     """L-inf radii in [0,1] pixel units for a quick PGD robust accuracy at validation (empty = clean only)"""
     robust_eval_steps: int = 10
     """PGD steps of the quick robust validation (step size eps/4, random start)"""

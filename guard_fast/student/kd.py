@@ -24,7 +24,7 @@ from guard_fast.data.views import EpochPlan, ViewConfig, num_batches, plan_epoch
 from guard_fast.models import ModelConfig, model_from_config, prepare_model
 from guard_fast.runtime.cluster import open_run
 from guard_fast.runtime.runfolder import stage
-from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
+from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig, Positive
 from guard_fast.runtime.distributed import DistInfo, setup_phase
 from guard_fast.runtime.engine import OptimConfig
 from guard_fast.runtime.errors import ConfigError, GuardFastError
@@ -57,7 +57,7 @@ class TrainConfig:
     """relabel's output folder (labels.json + labels/), for soft_labels = 'stored'"""
     render_workers: int = 0
     """processes rendering the augmented views (0 = in the training process; workers restart every epoch)"""
-    temperature: float = 20.0
+    temperature: Positive = 20.0
     """softmax temperature T of the distillation loss"""
     resume: bool = False
     """continue from the newest complete checkpoint in output.dir/checkpoints (a fresh start if there is none)"""
