@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -413,8 +414,15 @@ def describe(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
-def parse_args(cls: type[C], argv: list[str], prog: str) -> C:
-    """`[--config FILE] [--section.key=value ...] [--help]` -> validated config. `--help` prints keys and exits 0."""
+def parse_args(cls: type[C], argv: list[str], prog: str, needs_args: bool = True) -> C:
+    """`[--config FILE] [--section.key=value ...] [--help]` -> validated config. `--help` prints keys and exits 0;
+    no arguments at all (for a command that needs its inputs named: `needs_args`) prints the usage and exits 2,
+    instead of starting a default run."""
+    if needs_args and not argv:
+        print(f"usage: {prog} [--config FILE.toml] [--section.key=value ...]\n{prog}: error: no arguments; name the "
+              f"run's inputs and output.dir (a preset: --config configs/...toml); '{prog} --help' lists the keys",
+              file=sys.stderr)
+        raise SystemExit(2)
     if any(a in ("-h", "--help") for a in argv):
         print(f"usage: {prog} [--config FILE.toml] [--section.key=value ...]\n\nkeys (CLI > TOML > default):")
         print("\n".join(describe(cls)))
