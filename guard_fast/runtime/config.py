@@ -420,7 +420,7 @@ def parse_args(cls: type[C], argv: list[str], prog: str, needs_args: bool = True
     instead of starting a default run."""
     if needs_args and not argv:
         print(f"usage: {prog} [--config FILE.toml] [--section.key=value ...]\n{prog}: error: no arguments; name the "
-              f"run's inputs and output.dir (a preset: --config configs/...toml); '{prog} --help' lists the keys",
+              f"run's inputs and output.dir (e.g. --config FILE.toml); '{prog} --help' lists the keys",
               file=sys.stderr)
         raise SystemExit(2)
     if any(a in ("-h", "--help") for a in argv):

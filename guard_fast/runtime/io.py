@@ -63,7 +63,7 @@ def atomic_torch_save(path: str | Path, obj: Any) -> Path:
         path = Path(path)
         kept = (f"the previous {path.name} is kept" if path.exists() else f"{path.name} was not written")
         raise GuardFastError(f"{current_stage() or 'guard-fast'}: {path} would hold {bad} non-finite values "
-                             f"(NaN/inf: the run diverged; lower its learning rate); {kept}, and {path.parent} "
+                             f"(NaN/inf: the run diverged; a learning rate or coefficient too large?); {kept}, and {path.parent} "
                              "keeps the last good state written before")
     return atomic_write(path, lambda f: torch.save(obj, f))
 
