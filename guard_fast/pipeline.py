@@ -26,10 +26,11 @@ from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig, to_d
 from guard_fast.runtime.distributed import DistInfo
 from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.io import atomic_json, atomic_text
-from guard_fast.runtime.rundir import RunDir
+from guard_fast.runtime.cluster import open_run
+from guard_fast.runtime.runfolder import stage
 from guard_fast.runtime.stagecache import StageRecord, StageRunner
 
-UNKEYED = ("output", "stop_after", "resume")  # fields that do not change a stage's result
+UNKEYED = ("output", "stop_after", "resume", "allow_config_change")  # fields that do not change a stage's result
 
 
 @dataclass
@@ -159,9 +160,10 @@ def _stage_fn(stage: Stage, info: DistInfo):
     return fn
 
 
+@stage("pipeline")
 def run_pipeline(cfg: PipelineConfig, info: DistInfo) -> dict[str, Any]:
     root = Path(cfg.output.dir)
-    RunDir(root, cfg, is_main=info.is_main, device=info.device).start()
+    open_run(root, cfg, info=info, keyed=False).start()  # stages key their own work: a changed config reruns them
     chains = plan_pipeline(cfg, root)
     unique = {s.folder for _, _, stages in chains for s in stages}
     runner = StageRunner(len(unique), set(cfg.force), info.is_main, log=print if info.is_main else (lambda *_: None))

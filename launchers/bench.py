@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
     from bench.step import BenchConfig, run_benchmark
     from bench.step_report import write_bench_results
 
-    cfg = parse_args(BenchConfig, argv, prog="guard-fast bench")
+    cfg = parse_args(BenchConfig, argv, prog="guard-fast bench", needs_args=False)  # synthetic inputs
     info = init_distributed(cfg.dist)
     try:
         engine_factory = None

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import sys
+import time
 from typing import Callable
 
 from guard_fast.runtime.errors import GuardFastError
@@ -28,27 +31,58 @@ COMMANDS = {
 
 
 def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None, prog: str = "guard-fast") -> int:
-    """Call a launcher's main; a user error (bad config, missing or corrupt file) or a file-system error (disk full,
-    no permission, a file where a folder should be) becomes one line on stderr and a non-zero exit code."""
+    """The one error boundary: call a launcher's main; a user error (bad config, missing or corrupt file), a
+    file-system error (disk full, no permission, a file where a folder should be), a data loader worker's error and a
+    lost peer rank become one line on stderr and a non-zero exit code (under torchrun, also the rank's error file)."""
     try:
         return int(main(sys.argv[1:] if argv is None else argv) or 0)
-    except GuardFastError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except OSError as e:
-        where = ": ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
-        print(f"{prog}: error: {e.strerror or e}{': ' + where if where else ''}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except RuntimeError as e:  # a collective failed: another rank died, a node was lost, dist.timeout_s passed
-        from guard_fast.runtime.distributed import lost_ranks
-
-        if (line := lost_ranks(e)) is None:
+    except Exception as e:
+        line, code = one_line(e)
+        if line is None:
             raise
         print(f"{prog}: error: {line}", file=sys.stderr)
-        return 1
+        record_error(f"{prog}: {line}", code)
+        return code
+
+
+def one_line(e: BaseException) -> tuple[str | None, int]:
+    """(one line, exit code) for an error the user can act on; (None, 1) for a bug (its traceback is shown)."""
+    text = str(e)
+    if "DataLoader worker process" in text:
+        # torch re-raises a worker's exception with the worker's traceback in its message; its last line is
+        # "module.Type: message"
+        last = next((x for x in reversed(text.splitlines()) if x.strip()), text)
+        kind, _, message = last.partition(": ")
+        if isinstance(e, GuardFastError) or kind.endswith("GuardFastError"):
+            return message or last, getattr(e, "exit_code", 1)
+        return f"a data loader worker failed: {kind.rsplit('.', 1)[-1]}: {message}".rstrip(": "), 1
+    if isinstance(e, GuardFastError):
+        return (text.splitlines() or [type(e).__name__])[0], e.exit_code
+    if isinstance(e, OSError):
+        where = ": ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        return f"{e.strerror or text.splitlines()[0]}{': ' + where if where else ''}", 1
+    if isinstance(e, RuntimeError):  # a collective failed: another rank died, a node was lost, dist.timeout_s passed
+        from guard_fast.runtime.distributed import lost_ranks
+
+        return lost_ranks(e), 1
+    return None, 1
+
+
+def record_error(line: str, code: int) -> None:
+    """Under torchrun, the rank's error file (TORCHELASTIC_ERROR_FILE): torchrun's failure summary and
+    `launchers/torchrun.py` then show this line rather than '<N/A>'."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": "", "timestamp":
+                                                                   str(int(time.time()))}}}, f)
+    except OSError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 import torchattacks
 
+from guard_fast.runtime.config import NonNegative, Positive, Radius
 from guard_fast.runtime.errors import ConfigError
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -41,11 +42,11 @@ from guard_fast.runtime.errors import ConfigError
 class AttackConfig:
     names: list[str] = field(default_factory=lambda: ["pgd100", "square", "autoattack", "cw", "mim"])
     """attacks to run, in report order: pgd100, square, autoattack, cw, mim (any subset)"""
-    eps: list[float] = field(default_factory=lambda: [1 / 255])
+    eps: list[Radius] = field(default_factory=lambda: [1 / 255])
     """L-inf radii in [0,1] pixel units, one report table each (write 1/255 or 4/255); CW ignores them"""
     pgd_steps: int = 100
     """PGD iterations (the paper: 100)"""
-    pgd_alpha_frac: float = 0.25
+    pgd_alpha_frac: Positive = 0.25
     """PGD step size as a fraction of eps (0.25 -> 0.25/255 at eps 1/255, the paper's step)"""
     pgd_random_start: bool = True
     """start PGD from a uniform random point in the eps ball (the paper: yes)"""
@@ -64,19 +65,19 @@ class AttackConfig:
     """classes APGD-T and FAB-T target (the original's 9), capped at num_classes - 1; 0 = all num_classes - 1"""
     aa_square_queries: int = 5000
     """queries of AutoAttack's Square sub-attack per image (the original's 5000); standard version only"""
-    cw_c: float = 1e-4
+    cw_c: Positive = 1e-4
     """CW (L2): weight of the misclassification term against the squared L2 distance (the paper: 1e-4)"""
-    cw_kappa: float = 0.0
+    cw_kappa: NonNegative = 0.0
     """CW: confidence margin in logits (the paper: 0)"""
     cw_steps: int = 50
     """CW: Adam steps (the paper: 50)"""
-    cw_lr: float = 0.01
+    cw_lr: Positive = 0.01
     """CW: Adam learning rate in tanh space (the paper: 0.01)"""
     mim_steps: int = 20
     """MIM (momentum iterative FGSM): iterations, no random start (the paper: 20)"""
-    mim_alpha_frac: float = 1.0
+    mim_alpha_frac: Positive = 1.0
     """MIM step size as a fraction of eps (1.0 -> 1/255 at eps 1/255, the paper's step)"""
-    mim_decay: float = 1.0
+    mim_decay: NonNegative = 1.0
     """MIM momentum decay factor (the paper: 1.0)"""
     mim_grad_norm: str = "batch"
     """MIM gradient normalization: batch (L1 norm over the whole batch, the authors' evaluation code) or image

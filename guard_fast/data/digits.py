@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from guard_fast.runtime.errors import GuardFastError
 from guard_fast.runtime.io import atomic_json, atomic_write
 
 
@@ -31,6 +32,27 @@ def _png(image: np.ndarray, size: int) -> bytes:
     return buf.getvalue()
 
 
+def check_own_folder(out: Path, expected: set[Path]) -> None:
+    """prepare-digits writes only into an empty folder or its own: one holding its manifest, or (a killed first
+    run, no manifest yet) only files it writes itself. Anything else is refused before a file is written."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if isinstance(manifest, dict) and manifest.get("dataset") == "digits" and "train_ids" in manifest:
+        return
+    names = {p.relative_to(out) for p in expected}
+    foreign = [p for p in sorted(out.rglob("*"))
+               if (p.is_file() or p.is_symlink()) and p.relative_to(out) not in names and p.name != "manifest.json"
+               and not (p.name.startswith(".") and p.name.endswith(".tmp"))]
+    if foreign or (out / "manifest.json").exists():
+        shown = foreign[0] if foreign else out / "manifest.json"
+        raise GuardFastError(f"--out {out} holds files that are not a digits dataset written by prepare-digits "
+                             f"(e.g. {shown}); choose an empty or new folder (nothing was written)")
+
+
 def prepare_digits(out: str | Path, size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> dict:
     """Write out/{train,val}/<digit>/<index>.png (RGB, `size` px, bicubic upscale of the 8x8 originals).
 
@@ -48,14 +70,15 @@ def prepare_digits(out: str | Path, size: int = 32, val_fraction: float = 0.2, s
     labels = digits.target.astype(np.int64)
     train_ids, val_ids = stratified_split(labels, val_fraction, seed)
     counts: dict[str, dict[str, int]] = {}
-    expected: set[Path] = set()
+    expected = {out / split / str(labels[i]) / f"{i:04d}.png" for split, ids in (("train", train_ids),
+                                                                                 ("val", val_ids)) for i in ids}
+    check_own_folder(out, expected)
     repaired = 0
     for split, ids in (("train", train_ids), ("val", val_ids)):
         counts[split] = {}
         for i in ids:
             data = _png(images[i], size)
             path = out / split / str(labels[i]) / f"{i:04d}.png"
-            expected.add(path)
             if not path.is_file() or path.read_bytes() != data:
                 repaired += path.exists()
                 atomic_write(path, lambda f, data=data: f.write(data))

@@ -14,7 +14,7 @@ import torch
 
 from guard_fast.data.synthetic import SyntheticSet
 from guard_fast.data.views import EpochPlan, ViewConfig
-from guard_fast.runtime.errors import GuardFastError
+from guard_fast.runtime.errors import GuardFastError, reading
 
 LABELS = "labels.json"
 
@@ -31,7 +31,11 @@ class StoredLabels:
         path = self.root / LABELS
         if not path.is_file():
             raise GuardFastError(f"{path} not found: run guard-fast relabel first (or set soft_labels = 'online')")
-        self.meta = json.loads(path.read_text())
+        with reading(path, "soft-label record"):
+            self.meta = json.loads(path.read_text())
+            self._check(path, images, views, epochs)
+
+    def _check(self, path: Path, images: SyntheticSet, views: ViewConfig, epochs: int) -> None:
         if self.meta["images_hash"] != images.content_hash:
             raise GuardFastError(f"{path}: soft labels were produced for a different image set "
                                  f"(images_hash {self.meta['images_hash'][:12]} vs {images.content_hash[:12]}); "
@@ -50,6 +54,10 @@ class StoredLabels:
             rec = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as ex:
             raise GuardFastError(f"{path}: unreadable soft-label file ({type(ex).__name__}); rerun relabel") from None
+        with reading(path, "soft-label file"):
+            return self._epoch(path, rec)
+
+    def _epoch(self, path: Path, rec: dict) -> tuple[EpochPlan, torch.Tensor]:
         if rec.get("key") != self.meta["key"]:
             raise GuardFastError(f"{path}: written by another relabel configuration; rerun relabel")
         plan = EpochPlan.from_dict(rec)

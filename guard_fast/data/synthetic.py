@@ -26,8 +26,9 @@ from PIL import Image
 
 from guard_fast.data.folder import scan_folder
 from guard_fast.runtime.config import DataConfig
-from guard_fast.runtime.errors import GuardFastError
+from guard_fast.runtime.errors import GuardFastError, reading
 from guard_fast.runtime.io import atomic_json, atomic_torch_save, atomic_write
+from guard_fast.runtime.runfolder import inside
 
 MANIFEST = "manifest.json"
 FLOATS = "pixels.pt"
@@ -140,10 +141,11 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise GuardFastError(f"{path} not found: not a recovered image set (run guard-fast recover first)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise GuardFastError(f"{path}: not valid JSON ({e})") from None
+    with reading(path, "image-set manifest"):
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+    return manifest
 
 
 def load_synthetic(root: str | Path, num_classes: int | None = None, verify: bool = True) -> SyntheticSet:
@@ -151,6 +153,11 @@ def load_synthetic(root: str | Path, num_classes: int | None = None, verify: boo
     class count (if given) and, with `verify`, that the pixels still hash to the manifest's content_hash."""
     root = Path(root)
     manifest = read_manifest(root)
+    with reading(root / MANIFEST, "image-set manifest"):
+        return _load_synthetic(root, manifest, num_classes, verify)
+
+
+def _load_synthetic(root: Path, manifest: dict[str, Any], num_classes: int | None, verify: bool) -> SyntheticSet:
     classes, items = manifest["classes"], manifest["items"]
     if num_classes is not None and len(classes) != num_classes:
         raise GuardFastError(f"{root}/{MANIFEST}: {len(classes)} classes, but the data config has {num_classes} "
@@ -162,7 +169,7 @@ def load_synthetic(root: str | Path, num_classes: int | None = None, verify: boo
                              f"{manifest['ipc']}")
     pixels = []
     for it in items:
-        path = root / it["file"]
+        path = inside(root, it["file"], f"{root / MANIFEST}: item")  # no file is read from outside the set
         try:
             with Image.open(path) as img:
                 pixels.append(torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()))
@@ -181,7 +188,7 @@ def load_floats(root: Path, manifest: dict[str, Any], shape: torch.Size, labels:
     entry = manifest.get("float_pixels")
     if not entry:
         return None
-    path = root / entry["file"]
+    path = inside(root, entry["file"], f"{root / MANIFEST}: float_pixels")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from guard_fast.data.augment import resized_crop, sample_rrc
+from guard_fast.runtime.config import NonNegative
 from guard_fast.runtime.errors import ConfigError
 
 
@@ -26,7 +27,7 @@ class ViewConfig:
     """images per optimizer step summed over all ranks (each rank takes batch_size / world)"""
     crop_scale_min: float = 0.08
     """lower bound of RandomResizedCrop's area fraction"""
-    cutmix_alpha: float = 1.0
+    cutmix_alpha: NonNegative = 1.0
     """CutMix: mixed area fraction ~ Beta(alpha, alpha), one box per batch; 0 = no CutMix"""
     seed: int = 0
     """seed of the view plans (order, crops, flips, CutMix)"""

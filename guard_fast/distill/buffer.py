@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from guard_fast.runtime.errors import GuardFastError
+from guard_fast.runtime.errors import GuardFastError, reading
 
 BUFFER = "buffer.json"
 
@@ -28,10 +28,9 @@ def read_buffer(root: str | Path, want: dict[str, Any]) -> dict[str, Any]:
     path = Path(root) / BUFFER
     if not path.is_file():
         raise GuardFastError(f"{path} not found: not a finished expert buffer (run guard-fast experts first)")
-    try:
+    with reading(path, "expert buffer record"):
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise GuardFastError(f"{path}: not valid JSON ({e})") from None
+        manifest["key"], manifest["epochs"]  # noqa: B018 - the keys every reader needs
     diff = [f"{k} {manifest.get(k)!r} vs {v!r}" for k, v in want.items() if manifest.get(k) != v]
     if diff:
         raise GuardFastError(f"{path}: the expert buffer was made for another dataset or model ({'; '.join(diff)} "
@@ -46,6 +45,7 @@ def load_trajectory(root: str | Path, manifest: dict[str, Any], e: int) -> torch
         blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
         raise GuardFastError(f"{path}: cannot load the expert ({type(err).__name__}: {err})") from None
-    if blob.get("key") != manifest["key"]:
-        raise GuardFastError(f"{path} belongs to another buffer than {Path(root) / BUFFER}; retrain the experts")
-    return blob["trajectory"]
+    with reading(path, "expert file"):
+        if blob.get("key") != manifest["key"]:
+            raise GuardFastError(f"{path} belongs to another buffer than {Path(root) / BUFFER}; retrain the experts")
+        return blob["trajectory"]

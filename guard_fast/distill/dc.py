@@ -58,9 +58,11 @@ from guard_fast.data.synthetic import class_names, save_grid, to_uint8, write_sy
 from guard_fast.models import Classifier, ModelConfig, model_from_config
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.cluster import open_run
-from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
+from guard_fast.runtime.runfolder import stage
+from guard_fast.runtime.config import DataConfig, DistConfig, NonNegative, OutputConfig, Positive, Radius
 from guard_fast.runtime.distributed import DistInfo
-from guard_fast.runtime.errors import ConfigError, GuardFastError
+from guard_fast.runtime.checkpoint import safe_load
+from guard_fast.runtime.errors import ConfigError, GuardFastError, reading
 from guard_fast.runtime.io import atomic_json, atomic_torch_save
 
 LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}  # DC's get_loops
@@ -92,11 +94,11 @@ class DCConfig:
     """image steps per outer iteration (0 = DC's table by IPC: 1 -> 1, 10 -> 10, 50 -> 50)"""
     inner_loop: int = 0
     """network epochs on the synthetic set between image steps (0 = DC's table: 1 -> 1, 10 -> 50, 50 -> 10)"""
-    lr_img: float = 0.1
+    lr_img: Positive = 0.1
     """SGD learning rate of the synthetic images (in the units of `space`)"""
-    momentum_img: float = 0.5
+    momentum_img: NonNegative = 0.5
     """SGD momentum of the synthetic images"""
-    lr_net: float = 0.01
+    lr_net: Positive = 0.01
     """SGD learning rate of the network in the inner loop (no momentum)"""
     batch_real: int = 256
     """real images per class per matching step (all of the class if it has fewer)"""
@@ -104,15 +106,15 @@ class DCConfig:
     """synthetic images per inner-loop network step"""
     guard: bool = False
     """GUARD(DC): add lam * R (paper Eq. 11) to the real-batch loss whose gradient is matched"""
-    lam: float = 100.0
+    lam: NonNegative = 100.0
     """GUARD weight on R, R from batch-mean losses (main_CURE.py's lamda: 100 newest, 500 first version)"""
-    h: float = 0.6
+    h: Positive = 0.6
     """GUARD finite-difference step: L2 length of z in [0,1] pixel units (main_CURE.py: 0.6 newest, 3 first)"""
     attack: str = "none"
     """none, or pgd: match gradients on PGD-attacked real batches (the authors' `Attack` baseline; bench/ compares)"""
-    attack_eps: float = 8 / 255
+    attack_eps: Radius = 8 / 255
     """attack = pgd: L-inf radius in [0,1] pixel units (main_CURE.py's CIFAR value, commented there; MNIST 0.3)"""
-    attack_alpha: float = 2 / 255
+    attack_alpha: Radius = 2 / 255
     """attack = pgd: step size in [0,1] pixel units"""
     attack_steps: int = 10
     """attack = pgd: steps (random start, as torchattacks.PGD)"""
@@ -312,6 +314,7 @@ def train_network(cfg: DCConfig, net: Classifier, u: torch.Tensor, labels: torch
             opt.step()
 
 
+@stage("dc")
 def run_dc(cfg: DCConfig, info: DistInfo) -> dict[str, Any]:
     """Condense the train split into cfg.ipc images per class: output.dir/{images/, manifest.json, grid.png,
     images.pt (the float images), state.pt (resume), result.json}."""
@@ -331,14 +334,15 @@ def run_dc(cfg: DCConfig, info: DistInfo) -> dict[str, Any]:
     run.start()  # inputs checked: write the run's record
     state_path, start = run.path / "state.pt", 0
     if state_path.is_file():
-        state = torch.load(state_path, map_location=info.device, weights_only=True)
-        if state["key"] != key:
-            raise GuardFastError(f"{state_path} belongs to another configuration; delete it or use another "
-                                 "output.dir")
-        with torch.no_grad():
-            u.copy_(state["images"])
-        opt.load_state_dict(state["optimizer"])
-        start = state["iteration"]
+        state = safe_load(state_path, map_location=info.device)
+        with reading(state_path, "dc resume state"):
+            if state["key"] != key:
+                raise GuardFastError(f"{state_path} belongs to another configuration; delete it or use another "
+                                     "output.dir")
+            with torch.no_grad():
+                u.copy_(state["images"])
+            opt.load_state_dict(state["optimizer"])
+            start = int(state["iteration"])
     bar = tqdm(total=cfg.iterations, initial=start, desc="dc" + (" guard" if cfg.guard else ""),
                disable=not (info.is_main and cfg.output.progress))
     for it in range(start, cfg.iterations):

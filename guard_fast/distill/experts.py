@@ -27,7 +27,8 @@ from guard_fast.distill.matching import AUGMENTS, FlatNet, build_augment
 from guard_fast.models import ModelConfig, model_from_config
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.cluster import open_run
-from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
+from guard_fast.runtime.runfolder import stage
+from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig, Positive
 from guard_fast.runtime.distributed import DistInfo
 from guard_fast.runtime.errors import ConfigError
 from guard_fast.runtime.io import atomic_json, atomic_torch_save, saved_with_key
@@ -48,7 +49,7 @@ class ExpertsConfig:
     """experts to train (MTT: 100)"""
     epochs: int = 50
     """epochs per expert; parameters are saved after each (MTT: 50)"""
-    lr: float = 0.01
+    lr: Positive = 0.01
     """SGD learning rate (no momentum, no weight decay, as MTT)"""
     batch_size: int = 256
     """images per SGD step (MTT: 256)"""
@@ -121,6 +122,7 @@ def accuracy_on(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tens
     return correct / max(1, len(labels))
 
 
+@stage("experts")
 def run_experts(cfg: ExpertsConfig, info: DistInfo) -> dict[str, Any]:
     """Train cfg.num_experts experts into output.dir (experts/expert_<e>.pt, buffer.json, result.json)."""
     run = open_run(cfg.output.dir, cfg, info=info)  # every rank agrees on the folder

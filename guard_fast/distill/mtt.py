@@ -41,9 +41,10 @@ from guard_fast.distill.matching import AUGMENTS, GRADS, FlatNet, build_augment,
 from guard_fast.models import Classifier, ModelConfig, model_from_config
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.cluster import open_run
-from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
+from guard_fast.runtime.runfolder import stage
+from guard_fast.runtime.config import DataConfig, DistConfig, NonNegative, OutputConfig, Positive
 from guard_fast.runtime.distributed import DistInfo
-from guard_fast.runtime.errors import ConfigError, GuardFastError
+from guard_fast.runtime.errors import ConfigError, GuardFastError, reading
 from guard_fast.runtime.io import atomic_json, atomic_torch_save, saved_with_key
 from guard_fast.runtime.rundir import RunDir
 
@@ -80,13 +81,13 @@ class MTTConfig:
     """expert epochs M between the start and the target parameters"""
     max_start_epoch: int = 20
     """start epochs t are drawn from 0 .. max_start_epoch - 1 (as MTT's randint)"""
-    lr_img: float = 1000.0
+    lr_img: Positive = 1000.0
     """SGD learning rate of the normalized synthetic pixels"""
-    lr_lr: float = 1e-5
+    lr_lr: Positive = 1e-5
     """SGD learning rate of the learnable inner learning rate"""
-    lr_teacher: float = 0.01
+    lr_teacher: Positive = 0.01
     """initial inner learning rate alpha (the experts' SGD lr)"""
-    momentum: float = 0.5
+    momentum: NonNegative = 0.5
     """SGD momentum of both outer optimizers (MTT: 0.5)"""
     batch_syn: int = 0
     """synthetic images per inner step (0 = all of them, MTT's default)"""
@@ -183,6 +184,7 @@ class Trajectories:
         return traj[t].to(self.device), traj[t + m].to(self.device)
 
 
+@stage("mtt")
 def run_mtt(cfg: MTTConfig, info: DistInfo) -> dict[str, Any]:
     """Distill cfg.ipc images per class into output.dir (images/, manifest.json, grid.png, result.json; TESLA's soft
     labels in soft_labels.pt)."""
@@ -212,10 +214,10 @@ def run_mtt(cfg: MTTConfig, info: DistInfo) -> dict[str, Any]:
     start_it = 0
     if saved_with_key(state_path, key):
         state = torch.load(state_path, map_location=info.device, weights_only=True)
-        with torch.no_grad():
+        with reading(state_path, "mtt resume state"), torch.no_grad():
             u.copy_(state["images"]), syn_lr.copy_(state["syn_lr"])
-        opt_img.load_state_dict(state["opt_img"]), opt_lr.load_state_dict(state["opt_lr"])
-        start_it = int(state["iteration"])
+            opt_img.load_state_dict(state["opt_img"]), opt_lr.load_state_dict(state["opt_lr"])
+            start_it = int(state["iteration"])
     labels = labels.to(info.device)
     experts = Trajectories(cfg.buffer, manifest, info.device)
     grads = functools.partial(tesla_grads, exact=cfg.tesla_exact) if cfg.method == "tesla" else GRADS[cfg.method]

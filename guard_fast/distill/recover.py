@@ -25,7 +25,8 @@ from guard_fast.data.synthetic import class_names, save_grid, to_uint8, write_sy
 from guard_fast.models import Classifier, ModelConfig, model_from_config, prepare_model
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.cluster import open_run
-from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
+from guard_fast.runtime.runfolder import stage
+from guard_fast.runtime.config import DataConfig, DistConfig, NonNegative, OutputConfig, Positive
 from guard_fast.runtime.distributed import DistInfo, setup_phase
 from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.io import atomic_json, atomic_torch_save, file_sha256, saved_with_key
@@ -44,11 +45,11 @@ class RecoverConfig:
     """images per class to synthesize"""
     iterations: int = 1000
     """Adam steps per chunk (paper: 2000; reference 1000-4000)"""
-    lr: float = 0.25
+    lr: Positive = 0.25
     """Adam learning rate on normalized pixels (reference: 0.25 ImageNette/ImageNet, 0.1 Tiny-ImageNet)"""
-    r_bn: float = 0.01
+    r_bn: NonNegative = 0.01
     """weight of the BatchNorm statistics loss (reference: 0.01 ImageNette/ImageNet, 1.0 Tiny-ImageNet)"""
-    first_bn_multiplier: float = 10.0
+    first_bn_multiplier: NonNegative = 10.0
     """extra weight of the first BatchNorm layer's term"""
     jitter: int = 4
     """maximum random roll in pixels per axis each iteration (reference: 32 at 224 px, 4 at 64 px)"""
@@ -185,6 +186,7 @@ def images_key(cfg: RecoverConfig, spec_dict: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@stage("recover")
 def run_recover(cfg: RecoverConfig, info: DistInfo) -> dict[str, Any]:
     """Synthesize cfg.ipc images per class into output.dir (images/, manifest.json, grid.png, result.json)."""
     if not cfg.model.checkpoint:  # checked here, not in validate(): the pipeline fills it in after squeeze

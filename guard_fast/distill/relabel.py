@@ -23,6 +23,7 @@ from guard_fast.data.views import EpochPlan, ViewConfig, plan_epoch, render
 from guard_fast.models import ModelConfig, model_from_config, prepare_model
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.cluster import open_run
+from guard_fast.runtime.runfolder import stage
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
 from guard_fast.runtime.distributed import DistInfo, setup_phase
 from guard_fast.runtime.errors import ConfigError, GuardFastError
@@ -71,6 +72,7 @@ def label_epoch(teacher: torch.nn.Module, images: SyntheticSet, plan: EpochPlan,
     return {"logits": logits.half()}
 
 
+@stage("relabel")
 def run_relabel(cfg: RelabelConfig, info: DistInfo) -> dict[str, Any]:
     """Write output.dir/labels/epoch_*.pt and labels.json; returns {'bytes': ..., 'epochs': ...}."""
     if not cfg.model.checkpoint:  # checked here, not in validate(): the pipeline fills it in after squeeze

@@ -45,7 +45,8 @@ from guard_fast.models import ModelConfig, model_from_config
 from guard_fast.robustness.report import default_labels
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.cluster import open_run
-from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
+from guard_fast.runtime.runfolder import stage
+from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig, Positive
 from guard_fast.runtime.distributed import DistInfo
 from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.io import atomic_json, atomic_text, atomic_write
@@ -83,11 +84,11 @@ class CurvatureConfig:
     """images per Hessian-vector-product batch per rank (the double-backward graph of a batch is kept alive)"""
     top_k: int = 1
     """eigenvalues per image, largest |lambda| first (1 = lambda_max only; more by deflation, k power iterations)"""
-    tol: float = 1e-3
+    tol: Positive = 1e-3
     """power iteration stops when the Rayleigh quotient changes by <= tol * |lambda| between iterations"""
     max_iters: int = 100
     """Hessian-vector products per eigenvalue at most (an image that hits it is reported as not converged)"""
-    h: float = 3.0
+    h: Positive = 3.0
     """GUARD's step length for fd_curvature, L2 norm in normalized-input units (the squeeze objective's h)"""
     dtype: str = "float64"
     """float64 or float32: precision of the measurement; float32 loses Hessians below ~1e-6 of the loss scale to
@@ -440,6 +441,7 @@ def distribution_plot(models: Sequence[dict[str, Any]], path: str | Path, title:
 # The stage
 
 
+@stage("curvature")
 def run_curvature(cfg: CurvatureConfig, info: DistInfo) -> dict[str, Any]:
     """Measure every checkpoint; rank 0 writes output.dir/{curvature.json, curvature.md, curvature.png}. Returns the
     content of curvature.json."""

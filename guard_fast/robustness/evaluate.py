@@ -23,6 +23,7 @@ from guard_fast.models import Classifier, ModelConfig, model_from_config, prepar
 from guard_fast.robustness.report import bar_chart, default_labels, evaluation_rows, markdown_report, row_metrics
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.cluster import open_run
+from guard_fast.runtime.runfolder import stage
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
 from guard_fast.runtime.distributed import DistInfo, setup_phase
 from guard_fast.runtime.errors import ConfigError, GuardFastError
@@ -170,6 +171,7 @@ def load_model(cfg: EvaluateConfig, spec: DatasetSpec, path: str) -> Classifier:
                              f"{spec.num_classes} classes from data.dataset/data.num_classes)") from None
 
 
+@stage("evaluate")
 def run_evaluate(cfg: EvaluateConfig, info: DistInfo) -> dict[str, Any]:
     """Evaluate every checkpoint; rank 0 writes output.dir/{evaluation.json, evaluation.md, robustness.png}.
     Returns the evaluation dict (the content of evaluation.json)."""

@@ -25,6 +25,7 @@ import torch
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.errors import CheckpointError, GuardFastError
 from guard_fast.runtime.io import atomic_json
+from guard_fast.runtime.runfolder import inside
 
 COMPLETE = "complete.json"
 
@@ -139,7 +140,7 @@ class Checkpointer:
         if not path.exists():
             return None
         latest = self.latest()
-        if latest is not None and (self.folder / latest["tag"]).is_dir():
+        if latest is not None and inside(self.folder, latest["tag"], f"{path}: tag").is_dir():
             return latest
         fallback = self.newest_complete()
         if fallback is None:

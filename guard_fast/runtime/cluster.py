@@ -24,6 +24,7 @@ from guard_fast.runtime import distributed as D
 from guard_fast.runtime.distributed import DistInfo
 from guard_fast.runtime.errors import GuardFastError
 from guard_fast.runtime.rundir import RunDir
+from guard_fast.runtime.runfolder import stage_context
 
 PROBE_WAIT_S = 5.0
 """how long a rank looks for rank 0's probe file (NFS may show a new file only after its attribute cache expires)"""
@@ -93,11 +94,17 @@ def check_shared(output_dir: str) -> None:
                              "output.dir must be on a filesystem shared by all nodes")
 
 
-def open_run(path: str | Path, cfg: Any = None, *, info: DistInfo, **kwargs: Any) -> RunDir:
-    """RunDir(path, cfg, **kwargs) on every rank, agreed: one process opens it directly; several prove the folder is
-    shared, then rank 0 checks it and every rank gets its verdict (collective). Same arguments as RunDir."""
+def open_run(path: str | Path, cfg: Any = None, *, info: DistInfo, keyed: bool = True) -> RunDir:
+    """The current @stage's run folder (runtime/runfolder.py: identity, overwrite, resume, lock), on every rank,
+    agreed: one process opens it directly; several prove the folder is shared, then rank 0 checks it and every rank
+    gets its verdict (collective). `--resume`, `--output.overwrite` and `--allow_config_change` are read from cfg."""
+    kind = stage_context().kind
+    output = getattr(cfg, "output", None)
+
     def make() -> RunDir:
-        return RunDir(path, cfg, is_main=info.is_main, device=info.device, **kwargs)
+        return RunDir(path, cfg, kind=kind, is_main=info.is_main, device=info.device,
+                      resume=getattr(cfg, "resume", None), overwrite=bool(getattr(output, "overwrite", False)),
+                      allow=getattr(cfg, "allow_config_change", None), keyed=keyed)
 
     if info.world == 1:
         return make()

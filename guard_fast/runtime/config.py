@@ -8,12 +8,14 @@ raise `ConfigError` naming the key; the CLI turns that into a one-line message a
 from __future__ import annotations
 
 import dataclasses
+import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import tomllib
 
@@ -21,6 +23,61 @@ from guard_fast.runtime.errors import ConfigError
 from guard_fast.runtime.fielddocs import field_docs
 
 C = TypeVar("C")
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bounded numbers: declared once as a type, checked by `validate` for every config class that has such a field
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A float field's valid range; NaN and infinities are never valid."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = True
+    text: str = ""
+
+    def check(self, key: str, value: float) -> None:
+        above = value > self.low if self.low_open else value >= self.low
+        if not (math.isfinite(value) and above and value <= self.high):
+            raise ConfigError(f"{key} = {value}: must be {self.text}")
+
+
+Radius = Annotated[float, Bound(0.0, 1.0, True, "an L-inf radius (or step) in (0, 1] pixel units, e.g. 8/255")]
+"""an L-inf radius or attack step size in [0,1] pixel units: 0 < r <= 1"""
+Positive = Annotated[float, Bound(0.0, math.inf, True, "a finite number > 0")]
+"""a learning rate, coefficient or step that the formula divides by or needs > 0"""
+NonNegative = Annotated[float, Bound(0.0, math.inf, False, "a finite number >= 0")]
+"""a momentum, decay or coefficient where 0 switches the term off"""
+Fraction01 = Annotated[float, Bound(0.0, 1.0, True, "in (0, 1]")]
+"""a fraction in (0, 1]"""
+
+
+def _bound(tp: Any) -> tuple[Any, Bound | None]:
+    """(the plain type, its Bound or None) of an annotation such as Radius or list[Radius]."""
+    if typing.get_origin(tp) is Annotated:
+        base, *meta = typing.get_args(tp)
+        return base, next((m for m in meta if isinstance(m, Bound)), None)
+    return tp, None
+
+
+def check_bounds(cfg: Any, prefix: str = "") -> None:
+    """Every bounded field of `cfg` (and of its sections) within its Bound; lists element-wise."""
+    hints = typing.get_type_hints(type(cfg), include_extras=True)
+    for f in dataclasses.fields(cfg):
+        value, tp, key = getattr(cfg, f.name), hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_bounds(value, f"{key}.")
+            continue
+        if typing.get_origin(tp) is list:
+            (tp,) = typing.get_args(tp)
+            values = value
+        else:
+            values = [value]
+        _, bound = _bound(tp)
+        if bound is not None:
+            for v in values:
+                bound.check(key, v)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Shared sections
@@ -147,6 +204,7 @@ def _is_section(tp: Any) -> bool:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check/convert one value to the field's annotated type; raise ConfigError naming the key."""
+    tp, _ = _bound(tp)  # the bound itself is checked by validate(), for defaults too
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -185,6 +243,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         if isinstance(value, (int, float)):
+            if math.isnan(value):
+                raise ConfigError(f"{key}: nan is not a number a config may hold")
             return float(value)
         if isinstance(value, str):
             try:  # fractions such as 1/255 are the natural way to write pixel epsilons
@@ -253,11 +313,17 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def validate(cfg: Any) -> None:
-    """Run every section's `validate()` (sections first, then the stage's own cross-field checks)."""
+    """Bounded fields first (Radius, Positive, ...: one check for every config class), then every section's
+    `validate()`, then the stage's own cross-field checks."""
+    check_bounds(cfg)
+    _validate_sections(cfg)
+
+
+def _validate_sections(cfg: Any) -> None:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
-            validate(value)
+            _validate_sections(value)
     check = getattr(cfg, "validate", None)
     if check is not None:
         check()
@@ -348,8 +414,15 @@ def describe(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
-def parse_args(cls: type[C], argv: list[str], prog: str) -> C:
-    """`[--config FILE] [--section.key=value ...] [--help]` -> validated config. `--help` prints keys and exits 0."""
+def parse_args(cls: type[C], argv: list[str], prog: str, needs_args: bool = True) -> C:
+    """`[--config FILE] [--section.key=value ...] [--help]` -> validated config. `--help` prints keys and exits 0;
+    no arguments at all (for a command that needs its inputs named: `needs_args`) prints the usage and exits 2,
+    instead of starting a default run."""
+    if needs_args and not argv:
+        print(f"usage: {prog} [--config FILE.toml] [--section.key=value ...]\n{prog}: error: no arguments; name the "
+              f"run's inputs and output.dir (e.g. --config FILE.toml); '{prog} --help' lists the keys",
+              file=sys.stderr)
+        raise SystemExit(2)
     if any(a in ("-h", "--help") for a in argv):
         print(f"usage: {prog} [--config FILE.toml] [--section.key=value ...]\n\nkeys (CLI > TOML > default):")
         print("\n".join(describe(cls)))

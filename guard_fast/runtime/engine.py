@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from guard_fast.runtime.config import DistConfig
+from guard_fast.runtime.config import DistConfig, NonNegative, Positive
 from guard_fast.runtime.errors import ConfigError
 
 SCHEDULES = ("cosine", "step")
@@ -31,19 +31,19 @@ SCHEDULES = ("cosine", "step")
 class OptimConfig:
     name: str = "sgd"
     """optimizer: sgd (momentum) or adamw"""
-    lr: float = 0.025
+    lr: Positive = 0.025
     """peak learning rate (absolute, not scaled with batch size or ranks)"""
-    momentum: float = 0.9
+    momentum: NonNegative = 0.9
     """SGD momentum"""
-    weight_decay: float = 1e-4
+    weight_decay: NonNegative = 1e-4
     """decoupled (adamw) or L2 (sgd) weight decay, on the parameters weight_decay_on names"""
     epochs: int = 50
     """passes over the training set"""
-    warmup_epochs: float = 0.0
+    warmup_epochs: NonNegative = 0.0
     """linear warmup from 0 to lr over this many epochs, then cosine decay to 0"""
     grad_accum: int = 1
     """micro-batches per optimizer step (the effective batch is batch_size * ranks * grad_accum)"""
-    grad_clip: float = 0.0
+    grad_clip: NonNegative = 0.0
     """clip the global gradient L2 norm to this value (0 = off)"""
     schedule: str = "cosine"
     """cosine (warmup, then cosine to 0) or step (DC's evaluate_synset: lr x 0.1 after epoch epochs//2 + 1)"""

@@ -16,8 +16,10 @@ import torch
 
 from guard_fast.runtime import config as config_mod
 from guard_fast.runtime.distributed import topology
-from guard_fast.runtime.errors import GuardFastError
+from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.io import append_jsonl, atomic_json, atomic_text
+from guard_fast.runtime.runfolder import (RUN_FILE, Verdict, as_dict, check_allowed, contents, flatten, identity,
+                                          lock, register_root, verdict)
 
 PACKAGES = ("torch", "torchvision", "triton", "deepspeed", "ffcv", "numpy", "torchattacks")
 
@@ -64,10 +66,6 @@ def environment(device: torch.device | str | None = None) -> dict[str, Any]:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-RECORD = ("config.toml", "config.json", "environment.json", "metrics.jsonl", "result.json", "checkpoints")
-"""what a started run leaves in its folder (plus the stage's products, e.g. teacher.pt)"""
-
-
 def check_output_dir(path: Path) -> None:
     """One-line errors for an output folder that cannot be one: a file, under a file, or not writable."""
     if path.exists() and not path.is_dir():
@@ -82,48 +80,69 @@ def check_output_dir(path: Path) -> None:
 
 
 class RunDir:
-    """A run folder. Nothing is written until `start()`, called once the run's inputs are checked and it is known
-    to start: rank 0 then writes config.toml/config.json/environment.json, and appends metrics.jsonl later.
+    """A run folder under the run-folder contract (runtime/runfolder.py). Nothing is written until `start()`, called
+    once the run's inputs are checked and it is known to start: rank 0 then takes the folder's lock, checks the
+    verdict again under it, (overwrite) removes the old run, and writes run.json, config.toml/config.json and
+    environment.json; metrics.jsonl is appended later.
 
-    `resume`: None = the stage reuses finished work itself (recover, relabel, evaluate, pipeline caches); False = a
-    fresh run, which must own its folder: another run's record or checkpoints there is an error naming the flags,
-    unless `overwrite` (then `start()` removes that run's record and `products` first); True = continue the run
-    already in the folder (its record is rewritten at start, its metrics cut back to the resumed step)."""
+    `kind`: the stage kind (the current @stage's). `resume`: None = the stage reuses finished work itself (an
+    identical run continues); False = a fresh run; True = continue the run in the folder (`allow`: config keys it may
+    change). `keyed`: False when only the kind must match (the pipeline root: its stages key their own work)."""
 
-    def __init__(self, path: str | Path, cfg: Any = None, *, is_main: bool = True, device=None,
-                 resume: bool | None = None, overwrite: bool = False, products: tuple[str, ...] = ()):
-        self.path, self.cfg, self.device = Path(path), cfg, device
-        self.is_main, self.resume, self.overwrite, self.products = is_main, resume, overwrite, products
+    def __init__(self, path: str | Path, cfg: Any = None, *, kind: str, is_main: bool = True, device=None,
+                 resume: bool | None = None, overwrite: bool = False, allow: list[str] | None = None,
+                 keyed: bool = True):
+        self.path, self.cfg, self.device, self.kind = Path(path), cfg, device, kind
+        self.is_main, self.resume, self.overwrite, self.keyed = is_main, resume, overwrite, keyed
+        self.allow = list(allow or [])
+        check_allowed(self.allow)
+        if self.allow and resume is not True:
+            raise ConfigError(f"allow_config_change = {self.allow}: only with --resume")
         check_output_dir(self.path)
-        if resume is False and not overwrite and (found := self.foreign()):
-            raise GuardFastError(f"output.dir = {self.path} holds another run ({', '.join(found)}); pass --resume "
-                                 "to continue it, a new --output.dir, or --output.overwrite=true to replace it")
+        self.verdict = self._verdict()
 
-    def foreign(self) -> list[str]:
-        """Names of another run's record or products in the folder (an empty checkpoints/ does not count)."""
-        found = []
-        for name in (*RECORD, *self.products):
-            p = self.path / name
-            if p.is_file() or (p.is_dir() and any(p.iterdir())):
-                found.append(name)
-        return found
+    def _verdict(self) -> Verdict:
+        return verdict(self.path, self.kind, as_dict(self.cfg), resume=self.resume, overwrite=self.overwrite,
+                       allow=self.allow, keyed=self.keyed)
 
     def start(self) -> "RunDir":
-        """The run is starting: (overwrite) clear the old run, drop stale temp files, write the record."""
+        """The run is starting: lock, check again, (overwrite) clear the old run, drop stale temp files, write the
+        record. Every rank registers the folder so that writes under it must resolve inside it."""
+        register_root(self.path)
         if not self.is_main:
             return self
-        if self.resume is False and self.overwrite:
-            for name in self.foreign():
-                p = self.path / name
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
         self.path.mkdir(parents=True, exist_ok=True)
+        lock(self.path)
+        now = self._verdict()  # another run may have started between opening and here
+        if now != self.verdict:
+            raise GuardFastError(f"output.dir = {self.path} changed while this run was setting up (another run "
+                                 "wrote into it); choose another output.dir")
+        if now.action == "replace":
+            for name in contents(self.path):
+                p = self.path / name
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         for tmp in (*self.path.glob(".*.tmp"), *self.path.glob("checkpoints/.*.tmp")):
             tmp.unlink(missing_ok=True)  # left by a killed atomic write; this run owns the folder
+        record = self._run_record(now)
         if self.cfg is not None:
             atomic_text(self.path / "config.toml", config_mod.to_toml(self.cfg))
             atomic_json(self.path / "config.json", config_mod.to_dict(self.cfg))
+        atomic_json(self.path / RUN_FILE, record)
         atomic_json(self.path / "environment.json", environment(self.device))
         return self
+
+    def _run_record(self, now: Verdict) -> dict[str, Any]:
+        """run.json: kind and identity; a --resume --allow_config_change run appends what it changed."""
+        old: dict[str, Any] = {}
+        if now.action == "continue" and (self.path / RUN_FILE).is_file():
+            old = json.loads((self.path / RUN_FILE).read_text())
+        changes = list(old.get("changes", []))
+        if now.changed:
+            before = flatten(json.loads((self.path / "config.json").read_text()))
+            after = flatten(json.loads(json.dumps(config_mod.to_dict(self.cfg), default=str)))
+            changes.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                            **{k: {"from": before.get(k), "to": after.get(k)} for k in now.changed}})
+        return {"kind": self.kind, "identity": identity(self.kind, as_dict(self.cfg)), "changes": changes}
 
     def resumed_at(self, step: int, file: str = "metrics.jsonl") -> None:
         """Drop metric lines past `step` (logged after the checkpoint a resumed run restarts from; they are logged

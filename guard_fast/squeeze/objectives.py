@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from guard_fast.attacks.pgd import fgsm_rs, pgd, trades_attack
 from guard_fast.models import Classifier
+from guard_fast.runtime.config import NonNegative, Positive, Radius
 from guard_fast.runtime.errors import ConfigError
 
 Stats = dict[str, torch.Tensor]
@@ -50,30 +51,30 @@ class ObjectiveConfig:
     bn_stats: str = "updated"
     """BatchNorm running statistics the regularizer's eval forwards see (guard, guard-curvature, grad-norm):
     updated (as left by this step's train forward; the authors' semantics) or snapshot (from before the step)"""
-    h: float = 3.0
+    h: Positive = 3.0
     """finite-difference step: L2 length of z in normalized-input space (reference 3.0, ~0.68 in [0,1] pixel units
     at 224 px)"""
-    beta: float = 1e-4
+    beta: NonNegative = 1e-4
     """guard: coefficient of |ce(u+z) - ce(u)| (what the reference ImageNet-scale code applies)"""
-    lam: float = 100.0
+    lam: NonNegative = 100.0
     """guard-curvature: coefficient lambda (dimensionless), in the convention of objective.lam_convention (the
     authors' CIFAR script: 100 in the reference convention)"""
     lam_convention: str = "reference"
     """guard-curvature: reference = lam * mean_i ||grad_u ce(u+z) - grad_u ce(u)||_2 rows with ce the batch MEAN
     (each row carries 1/B, B the global batch = micro-batch x data-parallel ranks; the authors' convention),
     per-sample = the same with per-sample gradients (lam_per_sample = lam_reference / B)"""
-    grad_norm_beta: float = 0.01
+    grad_norm_beta: NonNegative = 0.01
     """grad-norm: coefficient of mean_i ||grad_u ce_i(u)||_2^2 (per-sample gradients; no reference value, the
     reference detaches this term so it has no effect)"""
-    eps: float = 0.031
+    eps: Radius = 0.031
     """adversarial training: L-inf radius in [0,1] pixel units (pgd-at, fgsm-rs, trades)"""
-    alpha: float = 0.007
+    alpha: Radius = 0.007
     """pgd-at / trades: step size in [0,1] pixel units (fgsm-rs uses 1.25 * eps)"""
     steps: int = 10
     """pgd-at / trades: attack steps K"""
     random_start: bool = False
     """pgd-at: start from a uniform point in the eps ball (the reference does not)"""
-    trades_beta: float = 6.0
+    trades_beta: NonNegative = 6.0
     """trades: coefficient of KL(f(x_adv) || f(x))"""
 
     def validate(self) -> None:

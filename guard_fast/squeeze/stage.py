@@ -12,7 +12,8 @@ from guard_fast.attacks.accuracy import accuracy
 from guard_fast.data import build_loader
 from guard_fast.models import ModelConfig, model_from_config, prepare_model
 from guard_fast.runtime.cluster import open_run
-from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
+from guard_fast.runtime.runfolder import stage
+from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig, Radius
 from guard_fast.runtime.distributed import DistInfo, setup_phase
 from guard_fast.runtime.engine import OptimConfig
 from guard_fast.runtime.errors import ConfigError, GuardFastError
@@ -30,13 +31,16 @@ class SqueezeConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     resume: bool = False
     """continue from the newest complete checkpoint in output.dir/checkpoints (a fresh start if there is none)"""
+    allow_config_change: list[str] = field(default_factory=list)
+    """with --resume: config keys that may differ from the run's record (only runfolder.SAFE_CHANGES, e.g.
+    optim.epochs; docs/reliability.md)"""
     stop_after: int = 0
     """stop after this many micro-steps as if killed, keeping checkpoints (0 = train to the end; for tests)"""
     val_every: int = 1
     """epochs between validations (0 = only at the end)"""
     val_batches: int = 0
     """validation batches per rank (0 = the whole val split)"""
-    robust_eval_eps: list[float] = field(default_factory=list)
+    robust_eval_eps: list[Radius] = field(default_factory=list)
     """L-inf radii in [0,1] pixel units for a quick PGD robust accuracy at validation (empty = clean only)"""
     robust_eval_steps: int = 10
     """PGD steps of the quick robust validation (step size eps/4, random start)"""
@@ -49,10 +53,10 @@ class SqueezeConfig:
             raise ConfigError("stop_after, val_every and val_batches must be >= 0")
 
 
+@stage("squeeze")
 def run_squeeze(cfg: SqueezeConfig, info: DistInfo) -> dict[str, Any]:
     """Train the teacher; returns the final metrics. Writes output.dir/{teacher.pt, result.json, metrics.jsonl}."""
-    run = open_run(cfg.output.dir, cfg, info=info, resume=cfg.resume, overwrite=cfg.output.overwrite,
-                   products=("teacher.pt",))
+    run = open_run(cfg.output.dir, cfg, info=info)
     seed = cfg.dist.seed
     with setup_phase():  # rank-local work: an error on any rank stops every rank with one line
         train = build_loader(cfg.data, "train", rank=info.rank, world=info.world, device=info.device, seed=seed)

@@ -33,6 +33,7 @@ from guard_fast.data.presets import resolve_dataset
 from guard_fast.data.synthetic import SyntheticSet, load_synthetic
 from guard_fast.models import ModelConfig, model_from_config, prepare_model
 from guard_fast.runtime.cluster import open_run
+from guard_fast.runtime.runfolder import stage
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
 from guard_fast.runtime.distributed import DistInfo, setup_phase
 from guard_fast.runtime.engine import OptimConfig
@@ -74,6 +75,9 @@ class HardTrainConfig:
     floats (recover's) are always their PNGs"""
     resume: bool = False
     """continue from the newest complete checkpoint in output.dir/checkpoints (a fresh start if there is none)"""
+    allow_config_change: list[str] = field(default_factory=list)
+    """with --resume: config keys that may differ from the run's record (only runfolder.SAFE_CHANGES, e.g.
+    optim.epochs; docs/reliability.md)"""
     stop_after: int = 0
     """stop after this many steps as if killed, keeping checkpoints (0 = train to the end; for tests)"""
     val_every: int = 0
@@ -127,11 +131,11 @@ def set_labels(cfg: HardTrainConfig, images: SyntheticSet) -> torch.Tensor:
     return soft["probs"].float()
 
 
+@stage("train-hard")
 def run_train_hard(cfg: HardTrainConfig, info: DistInfo) -> dict[str, Any]:
     """Train on the distilled set's hard labels; writes output.dir/{student.pt, result.json, metrics.jsonl,
     checkpoints/}."""
-    run = open_run(cfg.output.dir, cfg, info=info, resume=cfg.resume, overwrite=cfg.output.overwrite,
-                   products=("student.pt",))
+    run = open_run(cfg.output.dir, cfg, info=info)
     with setup_phase():  # rank-local work: an error on any rank stops every rank with one line
         spec = resolve_dataset(cfg.data)
         images = load_synthetic(cfg.images, spec.num_classes)

@@ -23,7 +23,8 @@ from guard_fast.data.synthetic import load_synthetic
 from guard_fast.data.views import EpochPlan, ViewConfig, num_batches, plan_epoch, rank_positions, render
 from guard_fast.models import ModelConfig, model_from_config, prepare_model
 from guard_fast.runtime.cluster import open_run
-from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
+from guard_fast.runtime.runfolder import stage
+from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig, Positive
 from guard_fast.runtime.distributed import DistInfo, setup_phase
 from guard_fast.runtime.engine import OptimConfig
 from guard_fast.runtime.errors import ConfigError, GuardFastError
@@ -56,10 +57,13 @@ class TrainConfig:
     """relabel's output folder (labels.json + labels/), for soft_labels = 'stored'"""
     render_workers: int = 0
     """processes rendering the augmented views (0 = in the training process; workers restart every epoch)"""
-    temperature: float = 20.0
+    temperature: Positive = 20.0
     """softmax temperature T of the distillation loss"""
     resume: bool = False
     """continue from the newest complete checkpoint in output.dir/checkpoints (a fresh start if there is none)"""
+    allow_config_change: list[str] = field(default_factory=list)
+    """with --resume: config keys that may differ from the run's record (only runfolder.SAFE_CHANGES, e.g.
+    optim.epochs; docs/reliability.md)"""
     stop_after: int = 0
     """stop after this many steps as if killed, keeping checkpoints (0 = train to the end; for tests)"""
     val_every: int = 0
@@ -98,12 +102,12 @@ class RankBatches(Dataset):
         return render(self.pixels, self.plan, positions, self.size), torch.tensor(positions)
 
 
+@stage("train")
 def run_train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     """Train the student; writes output.dir/{student.pt, result.json, metrics.jsonl, checkpoints/}."""
     if cfg.soft_labels == "online" and not cfg.teacher.checkpoint:  # not in validate(): the pipeline fills it in
         raise ConfigError("teacher.checkpoint: soft_labels = 'online' needs the teacher's checkpoint")
-    run = open_run(cfg.output.dir, cfg, info=info, resume=cfg.resume, overwrite=cfg.output.overwrite,
-                   products=("student.pt",))
+    run = open_run(cfg.output.dir, cfg, info=info)
     with setup_phase():  # rank-local work: an error on any rank stops every rank with one line
         spec = resolve_dataset(cfg.data)
         images = load_synthetic(cfg.images, spec.num_classes)

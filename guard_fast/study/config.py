@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from guard_fast.methods import knobs, resolve
 from guard_fast.pipeline import PipelineConfig
-from guard_fast.runtime.config import overrides_to_dict, parse_args
+from guard_fast.runtime.config import Radius, overrides_to_dict, parse_args
 from guard_fast.runtime.errors import ConfigError
 from guard_fast.study.figures import FIGURES
 
@@ -63,7 +63,7 @@ class SelectionConfig:
     """dist.seed of the selection runs"""
     attack: str = "pgd100"
     """score = accuracy under this attack (counted only on clean-correct images) on the selection split"""
-    eps: float = 4 / 255
+    eps: Radius = 4 / 255
     """L-inf radius of the score's attack, [0,1] pixel units"""
     guard: list[str] = field(default_factory=list)
     """GUARD grid, one 'section.key=v1,v2,...' line per key (the grid is their product), e.g. squeeze.objective.beta"""
@@ -105,7 +105,7 @@ class StudyConfig:
     readme: str = "README.md"
     """file whose '<!-- NAME:begin -->' ... '<!-- NAME:end -->' block (NAME = results_dir's folder name) is rewritten
     with the main table; empty = none"""
-    report_eps: float = 4 / 255
+    report_eps: Radius = 4 / 255
     """L-inf radius of the README's main table, [0,1] pixel units"""
     confidence: float = 0.95
     """level of the paired t-intervals"""

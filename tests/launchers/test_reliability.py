@@ -144,12 +144,12 @@ def test_fresh_run_into_another_runs_folder_is_refused_and_record_kept(small_dig
     out = tmp_path / "run"
     shutil.copytree(squeezed, out)
     record = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    with pytest.raises(GuardFastError, match=f"output.dir = {out} holds another run .*--resume.*--output.dir.*"
-                                             "--output.overwrite=true"):
+    with pytest.raises(GuardFastError, match=f"output.dir = {out} holds another squeeze run .config differs in "
+                                             "optim.lr.*--resume.*--output.dir.*--output.overwrite=true"):
         squeeze(small_digits, out, "--optim.lr=0.5")
     # case 5: a run that fails its input checks does not touch the record of the run in the folder
     with pytest.raises(GuardFastError, match="not found"):
-        squeeze(tmp_path / "no-such-data", out, "--resume")
+        squeeze(tmp_path / "no-such-data", out, "--resume", "--allow_config_change=data.path")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == record
     squeeze(small_digits, out, "--optim.lr=0.5", "--output.overwrite=true")
     assert json.loads((out / "config.json").read_text())["optim"]["lr"] == 0.5
