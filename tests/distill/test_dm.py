@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from guard_fast.distill.dm import DMConfig, dm_step
 from guard_fast.models import build_model
 from guard_fast.runtime.config import load_config
 from guard_fast.runtime.errors import ConfigError
-from tests.conftest import ONE, REPO
+from tests.conftest import ONE, PYTHON, REPO, subprocess_env
 from tests.distill.vico_dsa import diff_augment
 
 MEAN, STD = (0.45, 0.40, 0.35), (0.20, 0.25, 0.30)
@@ -207,3 +208,29 @@ def test_pipeline_runs_dm_end_to_end(digits_subset, tmp_path):
     assert json.loads((tmp_path / "dm/ipc1/dm/manifest.json").read_text())["method"] == "DM"
     assert json.loads((tmp_path / "dm/ipc1/train-hard/config.json").read_text())["augment"] == "dsa"
     assert "- dm:" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.multirank
+@pytest.mark.subprocess
+def test_two_ranks_give_the_same_images(small_digits, full_run, tmp_path):
+    """float64: 2 gloo ranks (5 classes each) reproduce the 1-process images to 1e-10."""
+    out = tmp_path / "two"
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29591",
+           str(REPO / "launchers/dm.py"), *dm_args(small_digits, out, "--ckpt_every=1")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    torch.testing.assert_close(images(out), images(full_run), rtol=0, atol=1e-10)
+
+
+@pytest.mark.subprocess
+def test_cli_errors_are_one_line(small_digits, tmp_path):
+    def one_error(args: list[str]) -> str:
+        r = subprocess.run([PYTHON, "-m", "launchers.cli", "dm", *args], capture_output=True, text=True,
+                           env=subprocess_env(), cwd=REPO, timeout=300)
+        lines = [ln for ln in r.stderr.splitlines() if "error" in ln]
+        assert r.returncode != 0 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-2000:]
+        return lines[0]
+
+    assert "ipc = 9 for init = real" in one_error(dm_args(small_digits, tmp_path / "a", "--ipc=9"))
+    assert "BatchNorm" in one_error(dm_args(small_digits, tmp_path / "b", "--model.arch=resnet18-cifar"))
+    assert "lr_img" in one_error(dm_args(small_digits, tmp_path / "c", "--lr_img=-1"))
