@@ -20,6 +20,7 @@ COMMANDS = {
     "mtt": "launchers.mtt",
     "relabel": "launchers.relabel",
     "dc": "launchers.dc",
+    "dm": "launchers.dm",
     "train": "launchers.train",
     "train-hard": "launchers.train_hard",
     "evaluate": "launchers.evaluate",

@@ -2,7 +2,7 @@
 in the docs, the README, the launchers' and the library's docstrings, Makefile or scripts exists.
 
 Presets are `configs/<dataset>/<what>.toml` (bench presets: `configs/bench/<what>.toml`); `<what>` starts with the
-command: squeeze, recover, relabel, train, evaluate, dc, experts, mtt, curvature, pipeline (and the demo), study."""
+command: squeeze, recover, relabel, train, evaluate, dc, dm, experts, mtt, curvature, pipeline (and the demo), study."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ CONFIG_CLASSES = {
     "train-hard": "guard_fast.student.hard:HardTrainConfig",
     "evaluate": "guard_fast.robustness.evaluate:EvaluateConfig",
     "dc": "guard_fast.distill.dc:DCConfig",
+    "dm": "guard_fast.distill.dm:DMConfig",
     "experts": "guard_fast.distill.experts:ExpertsConfig",
     "mtt": "guard_fast.distill.mtt:MTTConfig",
     "curvature": "guard_fast.robustness.curvature:CurvatureConfig",

@@ -18,6 +18,7 @@ STAGES = {
     "guard_fast.distill.experts": "guard_fast.distill.experts",
     "guard_fast.distill.mtt": "guard_fast.distill.mtt",
     "guard_fast.distill.dc": "guard_fast.distill.dc",
+    "guard_fast.distill.dm": "guard_fast.distill.dm",
     "guard_fast.student.kd": "guard_fast.student.kd",
     "guard_fast.student.hard": "guard_fast.student.hard",
     "guard_fast.robustness.evaluate": "guard_fast.robustness.evaluate",

@@ -14,6 +14,13 @@ lamda = 500 (2c46bd6) and changed in "Change default values for CURE" (7a38c42) 
 newest version; the paper and the repository state no run script. Our defaults are the newest committed values,
 h = 0.6 and lam = 100.
 
+DSA (`dsa = true`; Zhao & Bilen, ICML 2021; VICO-UoE/DatasetCondensation main.py --method DSA): per class and
+matching step one DSA draw (guard_fast/data/dsa.py, one parameter value for the whole batch) is applied to the real
+batch and to the class's synthetic images alike (main.py:185-188 call DiffAugment twice with the same seed, whose
+Siamese mode copies image 0's parameters to every image, utils.py:495-520), in `dsa_space` (VICO: normalized), before
+both losses; every inner-loop batch gets a draw per image (main.py:215, utils.py:309-311). GUARD(DSA) (`dsa` and
+`guard`) adds R on the augmented real batch: our composition (main_CURE.py runs DSA and CURE as exclusive methods).
+
 Spaces (`space`): which tensor the synthetic images are. "pixel" is main_CURE.py's, the code behind the paper's
 Table 5 for both DC and GUARD(DC) (`--method DC` and `--method CURE` of the same script): data loaded without
 normalization (utils.py:55), every network Normalize-then-ConvNet (main_CURE.py:149, 173), so the images are raw
@@ -53,6 +60,8 @@ from tqdm import tqdm
 
 from guard_fast.attacks.pgd import pgd
 from guard_fast.data import build_loader
+from guard_fast.data.dsa import SPACES as DSA_SPACES
+from guard_fast.data.dsa import STRATEGY, apply_dsa_in, check_strategy, sample_dsa
 from guard_fast.data.presets import resolve_dataset
 from guard_fast.data.synthetic import class_names, save_grid, to_uint8, write_synthetic
 from guard_fast.models import Classifier, ModelConfig, model_from_config
@@ -104,6 +113,13 @@ class DCConfig:
     """real images per class per matching step (all of the class if it has fewer)"""
     batch_train: int = 256
     """synthetic images per inner-loop network step"""
+    dsa: bool = False
+    """DSA (Zhao & Bilen 2021): one DSA draw per class and matching step, applied to the real and the synthetic batch
+    alike (siamese), and one draw per image on every inner-loop batch (VICO main.py --method DSA)"""
+    dsa_strategy: str = STRATEGY
+    """dsa = true: DSA groups joined by '_' (VICO's README command: color_crop_cutout_flip_scale_rotate)"""
+    dsa_space: str = "normalized"
+    """dsa = true: where the augmentation acts: normalized (VICO: data normalized at load) or pixel ([0,1] pixels)"""
     guard: bool = False
     """GUARD(DC): add lam * R (paper Eq. 11) to the real-batch loss whose gradient is matched"""
     lam: NonNegative = 100.0
@@ -145,6 +161,15 @@ class DCConfig:
             raise ConfigError(f"init = {self.init!r}: valid values are {', '.join(INITS)}")
         if self.space not in SPACES:
             raise ConfigError(f"space = {self.space!r}: valid values are {', '.join(SPACES)}")
+        if self.dsa_space not in DSA_SPACES:
+            raise ConfigError(f"dsa_space = {self.dsa_space!r}: valid values are {', '.join(DSA_SPACES)}")
+        try:
+            check_strategy(self.dsa_strategy)
+        except ValueError as e:
+            raise ConfigError(f"dsa_strategy: {e}") from None
+        if self.dsa and self.attack != "none":
+            raise ConfigError("dsa = true with attack = pgd: not supported (the attacked batch would leave [0,1] "
+                              "after augmentation); set one of them")
         if min(self.outer_loop, self.inner_loop, self.ckpt_every, self.stop_after) < 0:
             raise ConfigError("outer_loop, inner_loop, ckpt_every and stop_after must be >= 0")
         if self.lr_img <= 0 or self.lr_net <= 0 or self.h <= 0 or self.lam < 0:
@@ -281,9 +306,13 @@ def outer_iteration(cfg: DCConfig, info: DistInfo, net: Classifier, u: torch.Ten
             if cfg.attack == "pgd":
                 x_real = pgd(net, x_real, y_real, cfg.attack_eps, cfg.attack_alpha, cfg.attack_steps,
                              random_start=True, generator=seeded(cfg.dist.seed, 5, it, ol, c))
+            u_c = u[c * ipc:(c + 1) * ipc]  # (ipc, 3, S, S) in the units of cfg.space
+            if cfg.dsa:  # siamese: ONE draw (n = 1) for both batches (VICO main.py:185-188, same seed twice)
+                draw = sample_dsa(seeded(cfg.dist.seed, 6, it, ol, c), cfg.dsa_strategy, *u.shape[2:])
+                x_real = augment(cfg, net, x_real, draw, "pixel")
+                u_c = augment(cfg, net, u_c, draw, cfg.space)
             loss_real, _ = guard_real_loss(net, x_real, y_real, cfg.lam, cfg.h, guard=cfg.guard)
             gw_real = [g.detach() for g in torch.autograd.grad(loss_real, params)]
-            u_c = u[c * ipc:(c + 1) * ipc]  # (ipc, 3, S, S) in the units of cfg.space
             loss_syn = F.cross_entropy(syn_logits(cfg, net, u_c), labels[c * ipc:(c + 1) * ipc])
             gw_syn = torch.autograd.grad(loss_syn, params, create_graph=True)
             loss = loss + match_distance(list(gw_syn), gw_real)
@@ -300,15 +329,25 @@ def outer_iteration(cfg: DCConfig, info: DistInfo, net: Classifier, u: torch.Ten
     return D.all_reduce_sum(total) / (num_classes * outer)
 
 
+def augment(cfg: DCConfig, net: Classifier, x: torch.Tensor, draw, given: str) -> torch.Tensor:
+    """`draw` applied in cfg.dsa_space to x given in space `given` ("pixel" or "normalized"); result in `given`."""
+    return apply_dsa_in(x, draw, cfg.dsa_space, given, net.mean, net.std)
+
+
 def train_network(cfg: DCConfig, net: Classifier, u: torch.Tensor, labels: torch.Tensor, it: int, ol: int,
                   inner: int) -> None:
-    """inner epochs of plain SGD (lr_net) on the synthetic set, seeded shuffles; identical on every rank."""
+    """inner epochs of plain SGD (lr_net) on the synthetic set, seeded shuffles; identical on every rank. With dsa,
+    every batch gets DSA with one draw per image (VICO main.py:215 -> utils.py:309-311, seed -1)."""
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
     net.train()
     for il in range(inner):
         order = torch.randperm(len(u), generator=seeded(cfg.dist.seed, 4, it, ol, il)).to(u.device)
-        for ids in order.split(cfg.batch_train):
-            loss = F.cross_entropy(syn_logits(cfg, net, u[ids]), labels[ids])
+        for b, ids in enumerate(order.split(cfg.batch_train)):
+            x = u[ids]
+            if cfg.dsa:
+                draw = sample_dsa(seeded(cfg.dist.seed, 7, it, ol, il, b), cfg.dsa_strategy, *u.shape[2:], len(ids))
+                x = augment(cfg, net, x, draw, cfg.space)
+            loss = F.cross_entropy(syn_logits(cfg, net, x), labels[ids])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -343,7 +382,7 @@ def run_dc(cfg: DCConfig, info: DistInfo) -> dict[str, Any]:
                 u.copy_(state["images"])
             opt.load_state_dict(state["optimizer"])
             start = int(state["iteration"])
-    bar = tqdm(total=cfg.iterations, initial=start, desc="dc" + (" guard" if cfg.guard else ""),
+    bar = tqdm(total=cfg.iterations, initial=start, desc=method_name(cfg),
                disable=not (info.is_main and cfg.output.progress))
     for it in range(start, cfg.iterations):
         if cfg.stop_after and it - start >= cfg.stop_after:
@@ -366,6 +405,12 @@ def run_dc(cfg: DCConfig, info: DistInfo) -> dict[str, Any]:
     return D.broadcast_object(result)
 
 
+def method_name(cfg: DCConfig) -> str:
+    """DC, DSA, GUARD(DC) or GUARD(DSA)."""
+    name = "DSA" if cfg.dsa else "DC"
+    return f"GUARD({name})" if cfg.guard else name
+
+
 def save_state(info: DistInfo, path: Path, key: str, u: torch.Tensor, opt, iteration: int) -> None:
     if info.is_main:
         atomic_torch_save(path, {"key": key, "iteration": iteration, "images": u.detach().cpu(),
@@ -384,11 +429,11 @@ def write_result(cfg: DCConfig, root: Path, u: torch.Tensor, model: Classifier, 
     items = [{"label": c, "ipc_index": k} for c in range(num_classes) for k in range(cfg.ipc)]
     pixels = to_uint8(x)
     meta = {"images_key": key, "ipc": cfg.ipc, "image_size": size, "dataset": cfg.data.dataset,
-            "method": "GUARD(DC)" if cfg.guard else "DC", "iterations": cfg.iterations, "init": cfg.init,
+            "method": method_name(cfg), "iterations": cfg.iterations, "init": cfg.init,
             "space": cfg.space, "clamp": cfg.clamp}
     manifest = write_synthetic(root, pixels, items, class_names(cfg.data, num_classes), meta, floats=x)
     save_grid(root / "grid.png", pixels, labels, cfg.grid_classes)
-    result = {"images": len(items), "ipc": cfg.ipc, "classes": num_classes, "guard": cfg.guard,
+    result = {"images": len(items), "ipc": cfg.ipc, "classes": num_classes, "guard": cfg.guard, "dsa": cfg.dsa,
               "content_hash": manifest["content_hash"]}
     atomic_json(root / "result.json", result)
     return result

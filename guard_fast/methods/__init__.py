@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from guard_fast.methods.base import Method, MethodSpec, PipelineCfg, Section, Stage, stage_config
 from guard_fast.methods.dc import DC
+from guard_fast.methods.dm import DM
+from guard_fast.methods.dsa import DSA
 from guard_fast.methods.mtt import MTT, TESLA
 from guard_fast.methods.sre2l import CDA, SRE2L
 from guard_fast.runtime.errors import ConfigError
 
-METHODS: dict[str, Method] = {m.name: m for m in (SRE2L, CDA, DC, MTT, TESLA)}
+METHODS: dict[str, Method] = {m.name: m for m in (SRE2L, CDA, DC, DSA, DM, MTT, TESLA)}
 
 # What the old pipeline's `methods` (teacher objectives) meant, for a helpful error.
 _OLD_NAMES = {"guard": "sre2l:teacher=guard", "none": "sre2l:teacher=none", "pgd-at": "sre2l:teacher=pgd-at"}
