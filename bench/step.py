@@ -33,7 +33,7 @@ from tqdm import tqdm
 from guard_fast.models import Classifier, ModelConfig, build_model
 from guard_fast.runtime.config import DistConfig
 from guard_fast.runtime.errors import ConfigError
-from guard_fast.squeeze.objectives import (
+from guard_fast.regularizers.objectives import (
     BN_STATS,
     DOUBLE_BACKWARD,
     GUARD_STRATEGIES,

@@ -17,7 +17,7 @@ from guard_fast.runtime.distributed import DistInfo, setup_phase
 from guard_fast.runtime.engine import OptimConfig
 from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.loop import build_trainer
-from guard_fast.squeeze.objectives import DOUBLE_BACKWARD, ObjectiveConfig, build_objective
+from guard_fast.regularizers.objectives import DOUBLE_BACKWARD, ObjectiveConfig, build_objective
 
 
 @dataclass
