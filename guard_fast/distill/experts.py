@@ -103,6 +103,11 @@ def expert_seed(seed: int, e: int) -> int:
     return seed * 1_000_003 + e
 
 
+def expert_objective(cfg: ExpertsConfig) -> Objective:
+    """cfg.objective for an expert: trained by one process alone, its batch-mean conventions count its own batch."""
+    return build_objective(cfg.objective, ranks=1)
+
+
 def expert_step(model: Classifier, objective: Objective, opt: torch.optim.Optimizer, u: torch.Tensor,
                 y: torch.Tensor) -> tuple[torch.Tensor, Stats]:
     """One SGD step of the expert on the augmented normalized batch u (B, 3, S, S): the objective's loss of its pixels
@@ -119,7 +124,7 @@ def train_expert(model: Classifier, pixels: torch.Tensor, labels: torch.Tensor, 
     """SGD on normalized real images under cfg.objective; returns the (epochs + 1, P) flat trajectory and the
     per-epoch means of the objective's train CE and regularizer ({"ce": [...], "reg": [...]})."""
     flat = FlatNet(model.body)
-    objective = build_objective(cfg.objective, ranks=1)
+    objective = expert_objective(cfg)
     augment = build_augment(cfg.augment, model.mean, model.std, space=cfg.dsa_space)
     opt = torch.optim.SGD(model.body.parameters(), lr=cfg.lr, momentum=0.0, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
