@@ -21,10 +21,10 @@ import torch
 
 from guard_fast.data import build_loader
 from guard_fast.models import build_model, save_checkpoint
+from guard_fast.regularizers.objectives import ObjectiveConfig, build_objective
 from guard_fast.robustness.curvature import CurvatureConfig, run_curvature
 from guard_fast.runtime.config import DataConfig, load_config
 from guard_fast.runtime.distributed import DistInfo
-from guard_fast.regularizers.objectives import ObjectiveConfig, build_objective
 
 
 def train_teacher(data: DataConfig, objective: str, epochs: int, width: int, out: Path) -> dict[str, float]:

@@ -2,7 +2,10 @@
 
 Each expert is a fresh network (seeded by (seed, expert)) trained on the real train split with plain SGD (lr 0.01, no
 momentum, no weight decay, batch 256, reshuffled every epoch by a seeded generator; the last partial batch is kept),
-its flat parameters saved after every epoch.
+its flat parameters saved after every epoch. Experts are independent: expert e runs on rank e % world, so the buffer
+does not depend on the number of ranks, and a restarted run skips the experts already saved. ZCA whitening (an MTT
+option) is not offered: our sets are [0,1] pixel images attacked in pixel space, and a whitening step would have to
+become part of every student.
 
 The loss of every step is a training objective of guard_fast/regularizers/objectives.py (`objective`, the squeeze
 teacher's implementation): `none` is plain CE (MTT, TESLA); a GUARD regularizer or an adversarial-training baseline
@@ -10,11 +13,8 @@ gives GUARD(MTT) / GUARD(TESLA) experts, matched exactly as plain ones. The batc
 (DSA on the normalized images, `dsa_space`) and the objective receives its pixels x = denormalize(u): the GUARD terms
 perturb u = normalize(x) in normalized units (`objective.h`), the attacks perturb x in [0,1] pixel units and project
 onto [0,1], which clips an augmented pixel DSA pushed outside that range. Each expert is trained by one process alone,
-so a batch-mean convention counts its own batch only (ranks = 1). buffer.json records the objective and its settings
-(guard_fast/distill/buffer.py refuses a buffer made with another objective than a run asks for). Experts are independent: expert e runs on rank e % world, so the buffer
-does not depend on the number of ranks, and a restarted run skips the experts already saved. ZCA whitening (an MTT
-option) is not offered: our sets are [0,1] pixel images attacked in pixel space, and a whitening step would have to
-become part of every student.
+so a batch-mean convention counts its own batch only (ranks = 1). buffer.json records the objective and its settings;
+guard_fast/distill/buffer.py refuses a buffer made with another objective than a run asks for.
 """
 
 from __future__ import annotations
