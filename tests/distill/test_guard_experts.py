@@ -231,7 +231,7 @@ def test_pipeline_runs_guard_mtt_and_guard_tesla(small, tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     assert {row["label"] for row in results["rows"]} == {"GUARD(MTT) IPC 2", "GUARD(TESLA) IPC 2"}
-    assert [s["stage"] for s in results["stages"]].count("experts") == 1
+    assert [s["stage"] for s in results["stages"]].count("experts-guard") == 1  # one buffer for both methods
     buffer = json.loads((out / "experts-guard/buffer.json").read_text())
     assert buffer["objective"]["name"] == "guard" and buffer["objective"]["beta"] == 0.1
     assert not (out / "experts").exists()
