@@ -22,7 +22,7 @@ from guard_fast.distill.experts import ExpertsConfig, run_experts
 from guard_fast.distill.mtt import MTTConfig, run_mtt
 from guard_fast.methods.base import Method, PipelineCfg, Section, Stage, stage_config
 from guard_fast.methods.students import TRAIN_HARD
-from guard_fast.regularizers.objectives import OBJECTIVES
+from guard_fast.regularizers.objectives import OBJECTIVES, ObjectiveConfig
 from guard_fast.student.hard import run_train_hard
 
 EXPERTS = Section(
@@ -42,9 +42,11 @@ SECTIONS = (EXPERTS, MATCHING, TRAIN_HARD)
 
 
 def experts_stage(cfg: PipelineCfg, objective: str, root: Path) -> Stage:
-    """The experts of one training objective; the folder is shared by MTT and TESLA and every IPC."""
+    """The experts of one training objective; the folder is shared by MTT and TESLA and every IPC. The plain experts
+    take no setting of [experts.objective] (none uses none), so tuning the GUARD arms keeps their cached buffer."""
     folder = root / ("experts" if objective == "none" else f"experts-{objective}")
     ex = stage_config(cfg, "experts", folder)
+    ex.objective = ObjectiveConfig(name="none") if objective == "none" else ex.objective
     ex.objective.name = objective
     return Stage("experts", folder, ex, run_experts, {"buffer": "buffer.json"})
 

@@ -207,7 +207,8 @@ def test_registry_plans_guard_arms_beside_plain_ones(tmp_path):
     assert plain == {tmp_path / "experts"} and guard == {tmp_path / "experts-guard"}
     for name, objective in [("MTT", "none"), ("TESLA", "none"), ("GUARD(MTT)", "guard"), ("GUARD(TESLA)", "guard")]:
         ex, mt = by[name]["experts"].config, by[name]["mtt"].config
-        assert (ex.objective.name, ex.objective.beta, mt.expert_objective) == (objective, 0.01, objective)
+        beta = 0.01 if objective == "guard" else ObjectiveConfig().beta  # the plain buffer ignores GUARD settings
+        assert (ex.objective.name, ex.objective.beta, mt.expert_objective) == (objective, beta, objective)
         assert mt.buffer == str(by[name]["experts"].folder)
     assert by["GUARD(TESLA)"]["mtt"].config.method == "tesla"
     with pytest.raises(ConfigError, match="mtt:experts=guardd: valid values are none, guard"):
