@@ -2,7 +2,7 @@
 
     python -m bench.curvature_digits [--data data/digits] [--out results/curvature-digits] [--epochs 3]
 
-Trains both teachers in this process with the squeeze objectives of guard_fast.squeeze.objectives (`guard`: the
+Trains both teachers in this process with the squeeze objectives of guard_fast.regularizers.objectives (`guard`: the
 demo's beta 0.003, h 3, reuse order; `none`: plain CE), identical seed, data order and budget (SGD, plain torch loop:
 no DeepSpeed engine, so it runs where the engine cannot start), then measures both with `run_curvature`
 (guard_fast/robustness/curvature.py) on a seeded val subset and writes curvature.{json,md,png} to --out.
@@ -21,10 +21,10 @@ import torch
 
 from guard_fast.data import build_loader
 from guard_fast.models import build_model, save_checkpoint
+from guard_fast.regularizers.objectives import ObjectiveConfig, build_objective
 from guard_fast.robustness.curvature import CurvatureConfig, run_curvature
 from guard_fast.runtime.config import DataConfig, load_config
 from guard_fast.runtime.distributed import DistInfo
-from guard_fast.squeeze.objectives import ObjectiveConfig, build_objective
 
 
 def train_teacher(data: DataConfig, objective: str, epochs: int, width: int, out: Path) -> dict[str, float]:

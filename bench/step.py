@@ -31,9 +31,7 @@ import torch
 from tqdm import tqdm
 
 from guard_fast.models import Classifier, ModelConfig, build_model
-from guard_fast.runtime.config import DistConfig
-from guard_fast.runtime.errors import ConfigError
-from guard_fast.squeeze.objectives import (
+from guard_fast.regularizers.objectives import (
     BN_STATS,
     DOUBLE_BACKWARD,
     GUARD_STRATEGIES,
@@ -41,6 +39,8 @@ from guard_fast.squeeze.objectives import (
     ObjectiveConfig,
     build_objective,
 )
+from guard_fast.runtime.config import DistConfig
+from guard_fast.runtime.errors import ConfigError
 
 DEFAULT_METHODS = ["none", "guard", "guard-curvature", "grad-norm", "pgd-at", "fgsm-rs", "trades"]
 BN_STATS_OBJECTIVES = ("guard", "guard-curvature", "grad-norm")  # objectives whose rows depend on bench.bn_stats

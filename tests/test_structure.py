@@ -25,8 +25,8 @@ STAGES = {
     "guard_fast.robustness.curvature": "guard_fast.robustness.curvature",
 }
 # the library's floors, lowest first: an area imports only its own floor and the ones below
-LAYERS = [{"runtime"}, {"models", "data", "attacks"}, {"squeeze", "distill", "student", "robustness"}, {"methods"},
-          {"pipeline"}, {"study"}]
+LAYERS = [{"runtime"}, {"models", "data", "attacks"}, {"regularizers"}, {"squeeze", "distill", "student", "robustness"},
+          {"methods"}, {"pipeline"}, {"study"}]
 
 
 def module_name(path: Path) -> str:

@@ -6,17 +6,26 @@ its flat parameters saved after every epoch. Experts are independent: expert e r
 does not depend on the number of ranks, and a restarted run skips the experts already saved. ZCA whitening (an MTT
 option) is not offered: our sets are [0,1] pixel images attacked in pixel space, and a whitening step would have to
 become part of every student.
+
+The loss of every step is a training objective of guard_fast/regularizers/objectives.py (`objective`, the squeeze
+teacher's implementation): `none` is plain CE (MTT, TESLA); a GUARD regularizer or an adversarial-training baseline
+gives GUARD(MTT) / GUARD(TESLA) experts, matched exactly as plain ones. The batch is augmented where MTT augments it
+(DSA on the normalized images, `dsa_space`) and the objective receives its pixels x = denormalize(u): the GUARD terms
+perturb u = normalize(x) in normalized units (`objective.h`), the attacks perturb x in [0,1] pixel units and project
+onto [0,1], which clips an augmented pixel DSA pushed outside that range. Each expert is trained by one process alone,
+so a batch-mean convention counts its own batch only (ranks = 1). buffer.json records the objective and its settings;
+guard_fast/distill/buffer.py refuses a buffer made with another objective than a run asks for.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from guard_fast.data.dsa import SPACES
@@ -24,18 +33,23 @@ from guard_fast.data.presets import resolve_dataset
 from guard_fast.data.real import load_real
 from guard_fast.distill.buffer import BUFFER, expert_path
 from guard_fast.distill.matching import AUGMENTS, FlatNet, build_augment
-from guard_fast.models import ModelConfig, model_from_config
+from guard_fast.models import Classifier, ModelConfig, model_from_config
+from guard_fast.regularizers.objectives import Objective, ObjectiveConfig, Stats, build_objective
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.cluster import open_run
 from guard_fast.runtime.runfolder import stage
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig, Positive
 from guard_fast.runtime.distributed import DistInfo
-from guard_fast.runtime.errors import ConfigError
+from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.io import atomic_json, atomic_torch_save, saved_with_key
 
 
 def _convnet() -> ModelConfig:
     return ModelConfig(arch="convnet", width=128)
+
+
+def _plain_ce() -> ObjectiveConfig:
+    return ObjectiveConfig(name="none")
 
 
 @dataclass
@@ -57,6 +71,10 @@ class ExpertsConfig:
     """augmentation of the real batches: none or dsa (MTT's experts use DSA, one draw per image)"""
     dsa_space: str = "normalized"
     """where DSA acts: normalized (MTT's buffer.py: on normalized tensors) or pixel ([0,1] pixels, black fill)"""
+    objective: ObjectiveConfig = field(default_factory=_plain_ce)
+    """the experts' training loss, the squeeze objectives' implementation (objective.name: none = plain CE, MTT and
+    TESLA's experts; guard, guard-curvature, grad-norm, pgd-at, fgsm-rs or trades for GUARD(MTT)/GUARD(TESLA)
+    experts; objective.beta, h, lam, eps ... as in squeeze)"""
     stop_after: int = 0
     """stop after this many experts on each rank as if killed (0 = run to the end; for tests)"""
 
@@ -69,6 +87,7 @@ class ExpertsConfig:
             raise ConfigError(f"augment = {self.augment!r}: valid values are {', '.join(AUGMENTS)}")
         if self.dsa_space not in SPACES:
             raise ConfigError(f"dsa_space = {self.dsa_space!r}: valid values are {', '.join(SPACES)}")
+        self.objective.validate()
 
 
 def buffer_key(cfg: ExpertsConfig, spec: dict[str, Any]) -> str:
@@ -85,33 +104,50 @@ def expert_seed(seed: int, e: int) -> int:
     return seed * 1_000_003 + e
 
 
-def train_expert(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor, cfg: ExpertsConfig, seed: int,
-                 device: torch.device, bar: tqdm | None = None) -> tuple[torch.Tensor, list[float]]:
-    """SGD on normalized real images; returns the (epochs + 1, P) flat trajectory and per-epoch train accuracy."""
-    body = model.body
-    flat = FlatNet(body)
+def expert_objective(cfg: ExpertsConfig) -> Objective:
+    """cfg.objective for an expert: trained by one process alone, its batch-mean conventions count its own batch."""
+    return build_objective(cfg.objective, ranks=1)
+
+
+def expert_step(model: Classifier, objective: Objective, opt: torch.optim.Optimizer, u: torch.Tensor,
+                y: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+    """One SGD step of the expert on the augmented normalized batch u (B, 3, S, S): the objective's loss of its pixels
+    x = denormalize(u), one backward, one step. Returns (loss, stats), detached (no host sync)."""
+    loss, stats = objective(model, model.denormalize(u), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach(), stats
+
+
+def train_expert(model: Classifier, pixels: torch.Tensor, labels: torch.Tensor, cfg: ExpertsConfig, seed: int,
+                 device: torch.device, bar: tqdm | None = None) -> tuple[torch.Tensor, dict[str, list[float]]]:
+    """SGD on normalized real images under cfg.objective; returns the (epochs + 1, P) flat trajectory and the
+    per-epoch means of the objective's train CE and regularizer ({"ce": [...], "reg": [...]})."""
+    flat = FlatNet(model.body)
+    objective = expert_objective(cfg)
     augment = build_augment(cfg.augment, model.mean, model.std, space=cfg.dsa_space)
-    opt = torch.optim.SGD(body.parameters(), lr=cfg.lr, momentum=0.0, weight_decay=0.0)
+    opt = torch.optim.SGD(model.body.parameters(), lr=cfg.lr, momentum=0.0, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    trajectory, accs = [flat.flat().cpu()], []
+    trajectory, curves = [flat.flat().cpu()], {"ce": [], "reg": []}
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(labels), generator=gen)
-        correct = torch.zeros((), device=device)
+        sums = torch.zeros(3, device=device)  # sum of B * (loss, ce, reg) over the epoch
         for b, idx in enumerate(torch.split(order, cfg.batch_size)):
-            x = model.normalize(pixels[idx].to(device).float() / 255)  # (B, 3, S, S) normalized
-            x = augment(x, expert_seed(seed, epoch * 100_003 + b))
-            y = labels[idx].to(device)
-            logits = body(x)
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            correct += (logits.argmax(1) == y).sum()
-        accs.append(float(correct) / len(labels))  # host sync: once per epoch
+            u = model.normalize(pixels[idx].to(device).float() / 255)  # (B, 3, S, S) normalized
+            u = augment(u, expert_seed(seed, epoch * 100_003 + b))
+            loss, stats = expert_step(model, objective, opt, u, labels[idx].to(device))
+            sums += len(idx) * torch.stack([loss, stats["ce"], stats["reg"]])
+        loss_mean, ce, reg = (sums / len(labels)).tolist()  # host sync: once per epoch
+        if not math.isfinite(loss_mean):
+            raise GuardFastError(f"expert seed {seed}: non-finite loss in epoch {epoch + 1} (objective "
+                                 f"{cfg.objective.name}); lower lr or the objective's coefficient")
+        curves["ce"].append(ce)
+        curves["reg"].append(reg)
         trajectory.append(flat.flat().cpu())
         if bar is not None:
             bar.update(1)
-    return torch.stack(trajectory), accs
+    return torch.stack(trajectory), curves
 
 
 @torch.no_grad()
@@ -143,11 +179,13 @@ def run_experts(cfg: ExpertsConfig, info: DistInfo) -> dict[str, Any]:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the expert's initialization
             model = model_from_config(cfg.model, spec, checkpoint="").to(info.device)
-        trajectory, accs = train_expert(model, real.pixels, real.labels, cfg, seed, info.device, bar)
+        trajectory, curves = train_expert(model, real.pixels, real.labels, cfg, seed, info.device, bar)
         val_acc = accuracy_on(model, val.pixels, val.labels, info.device)
         atomic_torch_save(expert_path(run.path, e), {"key": key, "expert": e, "seed": seed, "trajectory": trajectory,
-                                                     "train_acc": accs, "val_acc": val_acc})
-        run.log({"expert": e, "rank": info.rank, "train_acc": accs[-1], "val_acc": val_acc})
+                                                     "train_ce": curves["ce"], "train_reg": curves["reg"],
+                                                     "val_acc": val_acc})
+        run.log({"expert": e, "rank": info.rank, "train_ce": curves["ce"][-1], "train_reg": curves["reg"][-1],
+                 "val_acc": val_acc})
     bar.close()
     D.barrier()  # every rank's experts are on disk
     result: dict[str, Any] = {}
@@ -159,9 +197,11 @@ def run_experts(cfg: ExpertsConfig, info: DistInfo) -> dict[str, Any]:
                     "image_size": spec.image_size, "arch": cfg.model.arch, "width": cfg.model.width,
                     "num_params": num_params, "epochs": cfg.epochs, "num_experts": cfg.num_experts, "lr": cfg.lr,
                     "batch_size": cfg.batch_size, "augment": cfg.augment, "dsa_space": cfg.dsa_space,
-                    "seed": cfg.dist.seed}
+                    "seed": cfg.dist.seed, "objective": asdict(cfg.objective)}
         result = {"num_experts": cfg.num_experts, "epochs": cfg.epochs, "num_params": num_params,
-                  "val_acc": [b["val_acc"] for b in blobs], "final_train_acc": [b["train_acc"][-1] for b in blobs]}
+                  "objective": cfg.objective.name, "val_acc": [b["val_acc"] for b in blobs],
+                  "final_train_ce": [b["train_ce"][-1] for b in blobs],
+                  "final_train_reg": [b["train_reg"][-1] for b in blobs]}
         atomic_json(run.path / "result.json", result)
         atomic_json(run.path / BUFFER, manifest)  # last: its presence means the buffer is complete
     return D.broadcast_object(result)

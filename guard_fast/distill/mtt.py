@@ -8,6 +8,9 @@ epoch t < max_start_epoch) pairs, runs syn_steps differentiable SGD steps from t
 matches theta*_{t + expert_epochs} (guard_fast/distill/matching.py); SGD with momentum 0.5 on the images (lr_img) and
 on alpha (lr_lr). method = mtt differentiates the unrolled loop (memory linear in syn_steps), method = tesla uses
 TESLA's constant-memory gradient; labels = expert gives TESLA's soft labels (softmax of the target expert's logits).
+GUARD(MTT) and GUARD(TESLA) are this computation on a buffer of experts trained with a GUARD objective
+(guard_fast/distill/experts.py); expert_objective names the objective the run expects, and a buffer made with another
+is refused.
 
 Distribution: trajectory j of an iteration runs on rank j % world; the image and lr gradients are summed over ranks
 and divided by `trajectories`, so every rank applies the same update. All randomness of iteration k comes from
@@ -39,6 +42,7 @@ from guard_fast.data.synthetic import content_hash, save_grid, to_uint8, write_s
 from guard_fast.distill.buffer import load_trajectory, read_buffer
 from guard_fast.distill.matching import AUGMENTS, GRADS, FlatNet, build_augment, plan_steps, tesla_grads
 from guard_fast.models import Classifier, ModelConfig, model_from_config
+from guard_fast.regularizers.objectives import OBJECTIVES
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.cluster import open_run
 from guard_fast.runtime.runfolder import stage
@@ -67,6 +71,9 @@ class MTTConfig:
     output: OutputConfig = field(default_factory=lambda: OutputConfig(dir="runs/mtt"))
     buffer: str = "runs/experts"
     """the experts stage's output folder (buffer.json + experts/)"""
+    expert_objective: str = "none"
+    """the objective the buffer's experts must have been trained with (experts' objective.name): none = plain CE
+    (MTT, TESLA), guard etc. = GUARD(MTT) / GUARD(TESLA); a buffer made with another is refused"""
     method: str = "mtt"
     """gradient computation: mtt (unrolled autograd, memory linear in syn_steps) or tesla (constant memory)"""
     labels: str = "hard"
@@ -113,6 +120,8 @@ class MTTConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method = {self.method!r}: valid values are {', '.join(METHODS)}")
+        if self.expert_objective not in OBJECTIVES:
+            raise ConfigError(f"expert_objective = {self.expert_objective!r}: valid values are {', '.join(OBJECTIVES)}")
         if self.labels not in LABELS:
             raise ConfigError(f"labels = {self.labels!r}: valid values are {', '.join(LABELS)}")
         if self.augment not in AUGMENTS:
@@ -194,7 +203,8 @@ def run_mtt(cfg: MTTConfig, info: DistInfo) -> dict[str, Any]:
     net = FlatNet(model.body)
     manifest = read_buffer(cfg.buffer, {"dataset": cfg.data.dataset, "num_classes": spec.num_classes,
                                         "image_size": spec.image_size, "arch": cfg.model.arch,
-                                        "width": cfg.model.width, "num_params": net.num_params})
+                                        "width": cfg.model.width, "num_params": net.num_params},
+                           cfg.expert_objective)
     if cfg.max_start_epoch - 1 + cfg.expert_epochs > manifest["epochs"]:
         raise ConfigError(f"max_start_epoch = {cfg.max_start_epoch} with expert_epochs = {cfg.expert_epochs} reaches "
                           f"epoch {cfg.max_start_epoch - 1 + cfg.expert_epochs}, beyond the buffer's "
@@ -288,7 +298,8 @@ def _write_set(run: RunDir, cfg: MTTConfig, model: Classifier, net: FlatNet, exp
     items = [{"label": int(c), "ipc_index": i % cfg.ipc, "init_real_index": r}
              for i, (c, r) in enumerate(zip(labels.tolist(), picked, strict=True))]
     meta = {"images_key": key, "ipc": cfg.ipc, "image_size": int(u.shape[-1]), "dataset": cfg.data.dataset,
-            "method": cfg.method, "syn_lr": syn_lr, "iterations": cfg.iterations, "buffer_key": manifest["key"]}
+            "method": cfg.method, "syn_lr": syn_lr, "iterations": cfg.iterations, "buffer_key": manifest["key"],
+            "expert_objective": manifest.get("objective", {"name": "none"})}
     if cfg.labels == "expert":
         # the soft labels of the float images, from expert 0 at the latest target epoch the run matched
         epoch = cfg.max_start_epoch - 1 + cfg.expert_epochs

@@ -12,8 +12,8 @@ from guard_fast.data.views import ViewConfig
 from guard_fast.distill.recover import CURRICULA, RecoverConfig, run_recover
 from guard_fast.distill.relabel import RelabelConfig, run_relabel
 from guard_fast.methods.base import Method, PipelineCfg, Section, Stage, stage_config
+from guard_fast.regularizers.objectives import OBJECTIVES
 from guard_fast.runtime.errors import ConfigError
-from guard_fast.squeeze.objectives import OBJECTIVES
 from guard_fast.squeeze.stage import SqueezeConfig, run_squeeze
 from guard_fast.student.kd import TrainConfig, run_train
 

@@ -11,6 +11,7 @@ import torch
 from guard_fast.attacks.accuracy import accuracy
 from guard_fast.data import build_loader
 from guard_fast.models import ModelConfig, model_from_config, prepare_model
+from guard_fast.regularizers.objectives import DOUBLE_BACKWARD, ObjectiveConfig, build_objective
 from guard_fast.runtime.cluster import open_run
 from guard_fast.runtime.runfolder import stage
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig, Radius
@@ -18,7 +19,6 @@ from guard_fast.runtime.distributed import DistInfo, setup_phase
 from guard_fast.runtime.engine import OptimConfig
 from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.loop import build_trainer
-from guard_fast.squeeze.objectives import DOUBLE_BACKWARD, ObjectiveConfig, build_objective
 
 
 @dataclass

@@ -14,9 +14,9 @@ import torch
 
 from bench.step import BenchConfig, _profiled_peak_bytes, expand_methods, run_benchmark
 from bench.step_report import HEADER, build_results, check_goals, write_bench_results
+from guard_fast.regularizers.objectives import GUARD_STRATEGIES, OBJECTIVES
 from guard_fast.runtime.config import load_config
 from guard_fast.runtime.errors import ConfigError
-from guard_fast.squeeze.objectives import GUARD_STRATEGIES, OBJECTIVES
 
 TINY = ["--model.width=8", "--bench.image_size=16", "--bench.batch_size=4", "--bench.warmup=1", "--bench.reps=2",
         "--dist.device=cpu"]

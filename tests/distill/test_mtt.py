@@ -396,3 +396,50 @@ def test_pipeline_runs_mtt_and_tesla_end_to_end(small, tmp_path):
     cfg = json.loads((out / "mtt/ipc2/train-hard/config.json").read_text())
     assert cfg["lr_from_set"] and mtt_lr != 0.01
     assert "MTT" in (out / "report.md").read_text() and "TESLA" in (out / "report.md").read_text()
+
+
+class SavedBytes:
+    """Bytes of the tensors autograd holds for backward, live and at their peak (saved_tensors_hooks: each saved
+    tensor is counted while its graph node keeps it; a freed graph releases it)."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    def pack(self, t: torch.Tensor) -> "_Held":
+        return _Held(t, self)
+
+    @staticmethod
+    def unpack(held: "_Held") -> torch.Tensor:
+        return held.t
+
+
+class _Held:
+    def __init__(self, t: torch.Tensor, meter: SavedBytes):
+        self.t, self.meter, self.n = t, meter, t.numel() * t.element_size()
+        meter.live += self.n
+        meter.peak = max(meter.peak, meter.live)
+
+    def __del__(self):
+        self.meter.live -= self.n
+
+
+@pytest.mark.parametrize("method", ["mtt", "tesla"])
+def test_tesla_memory_is_flat_in_the_unroll_steps_and_mtts_grows(method):
+    """What autograd keeps alive at its peak: TESLA's does not grow from 2 to 16 unrolled steps (one step's graph at a
+    time; the DSA draw of the largest step sets it), MTT's grows with the steps (bench/results/mtt-tesla-memory.md
+    measures the process memory)."""
+    from guard_fast.distill.matching import GRADS
+
+    net, start, target, images, labels = tiny_case(n=6)
+    augment = build_augment("dsa", torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
+    peaks = {}
+    for n in (2, 16):
+        steps = plan_steps(len(labels), 3, n, torch.Generator().manual_seed(0), 0)
+        meter = SavedBytes()
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+            GRADS[method](net, images, labels, torch.tensor(0.01, dtype=torch.float64), start, target, steps, augment)
+        peaks[n] = meter.peak
+    if method == "tesla":
+        assert peaks[16] < 1.2 * peaks[2], peaks
+    else:
+        assert peaks[16] > 6 * peaks[2], peaks

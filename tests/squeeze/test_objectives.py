@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from guard_fast.attacks.pgd import fgsm_rs, pgd, trades_attack
-from guard_fast.squeeze.objectives import ObjectiveConfig, build_objective, direction
+from guard_fast.regularizers.objectives import ObjectiveConfig, build_objective, direction
 
 B, S = 6, 16
 

@@ -114,7 +114,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(small_digits, tmp_path):
 NONFINITE_REG = """
 import sys
 import torch
-from guard_fast.squeeze import objectives
+from guard_fast.regularizers import objectives
 from launchers.cli import run
 from launchers.squeeze import main
 

@@ -1,4 +1,5 @@
-"""Squeeze objectives: plain CE, the GUARD regularizers and the adversarial-training baselines (docs/spec.md section 2).
+"""Training objectives: plain CE, the GUARD regularizers and the adversarial-training baselines (docs/spec.md section 2),
+shared by the squeeze teacher (guard_fast/squeeze/stage.py) and the MTT/TESLA experts (guard_fast/distill/experts.py).
 
 Interface: `loss, stats = objective(model, x, y)`. `model` is the unwrapped Classifier (x in [0,1] pixels,
 `model.normalize(x)` = u, `model.body(u)` = logits); the caller back-propagates `loss` exactly once (engine.backward,
@@ -23,6 +24,7 @@ adversarial-training attacks live in [0,1] pixel space.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -43,7 +45,7 @@ LAM_CONVENTIONS = ("reference", "per-sample")
 @dataclass
 class ObjectiveConfig:
     name: str = "guard"
-    """squeeze objective: none, guard, guard-curvature, grad-norm, pgd-at, fgsm-rs, trades"""
+    """training objective: none (plain CE), guard, guard-curvature, grad-norm, pgd-at, fgsm-rs, trades"""
     strategy: str = "reuse"
     """order of computation for guard: reference (literal: under bn_stats=updated exactly the authors' order),
     batched (one 2B eval forward), reuse (3 forward-backward passes, one graph alive at a time); same value and
@@ -249,32 +251,38 @@ def guard(model: Classifier, x, y, cfg: ObjectiveConfig) -> tuple[torch.Tensor, 
     return GUARD_STRATEGIES[cfg.strategy](model, x, y, cfg)
 
 
-def curvature_reg(body: Callable, u: torch.Tensor, y: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:
+def curvature_reg(body: Callable, u: torch.Tensor, y: torch.Tensor, cfg: ObjectiveConfig,
+                  ranks: int | None = None) -> torch.Tensor:
     """lam * mean_i ||grad_u ce(u+z)_i - grad_u ce(u)_i||_2 (paper Eq. 11), kept differentiable (double backward).
 
     Both input gradients come from one eval forward of the packed 2B batch with create_graph (eval BN is
     per-sample, so the two halves do not interact). The rows are per-sample gradients (summed CE); the reference
-    convention differentiates the batch mean instead, i.e. divides each row by B."""
+    convention differentiates the batch mean instead, i.e. divides each row by B (`global_batch(len(y), ranks)`)."""
     z = direction(input_grad(body, u, y), cfg.h)
     both = torch.cat([u + z, u]).detach().requires_grad_(True)  # (2B, C, H, W)
     ce_sum = F.cross_entropy(body(both), torch.cat([y, y]), reduction="sum")
     (grads,) = torch.autograd.grad(ce_sum, both, create_graph=True)  # rows: per-sample gradients
     pert, clean = grads.chunk(2)
-    scale = cfg.lam / global_batch(len(y)) if cfg.lam_convention == "reference" else cfg.lam
+    scale = cfg.lam / global_batch(len(y), ranks) if cfg.lam_convention == "reference" else cfg.lam
     return scale * (pert - clean).flatten(1).norm(dim=1).mean()
 
 
-def global_batch(micro_batch: int) -> int:
+def global_batch(micro_batch: int, ranks: int | None = None) -> int:
     """The batch the authors' mean runs over: their DataParallel averages the loss over the whole batch, and with
-    data-parallel ranks averaging their gradients, dividing by micro-batch x ranks gives exactly their gradient."""
+    data-parallel ranks averaging their gradients, dividing by micro-batch x ranks gives exactly their gradient.
+    ranks: the data-parallel ranks that share one batch (None: the process group's size; 1: a network trained by
+    one process alone, as each MTT/TESLA expert is)."""
     import torch.distributed as dist
 
-    return micro_batch * (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
+    if ranks is None:
+        ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return micro_batch * ranks
 
 
-def guard_curvature(model: Classifier, x, y, cfg: ObjectiveConfig) -> tuple[torch.Tensor, Stats]:
+def guard_curvature(model: Classifier, x, y, cfg: ObjectiveConfig, ranks: int | None = None
+                    ) -> tuple[torch.Tensor, Stats]:
     """ce_train + the curvature regularizer (`curvature_reg`), under cfg.bn_stats (`regularized`)."""
-    return regularized(model, x, y, cfg, lambda body, u, y_: curvature_reg(body, u, y_, cfg))
+    return regularized(model, x, y, cfg, lambda body, u, y_: curvature_reg(body, u, y_, cfg, ranks))
 
 
 def grad_norm_reg(body: Callable, u: torch.Tensor, y: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:
@@ -333,19 +341,26 @@ OBJECTIVES: dict[str, Callable] = {
 
 # Objectives whose backward differentiates through an input gradient: torch.compile cannot run them.
 DOUBLE_BACKWARD = ("guard-curvature", "grad-norm")
+# Objectives whose value depends on how many ranks share the batch (guard-curvature's reference convention): they take
+# `ranks` (see `global_batch`).
+RANK_DEPENDENT = ("guard-curvature",)
 
 
 class Objective:
-    """`loss, stats = objective(model, x, y)` for the configured registry entry."""
+    """`loss, stats = objective(model, x, y)` for the configured registry entry.
 
-    def __init__(self, cfg: ObjectiveConfig):
+    ranks: the data-parallel ranks that share one batch: None (the squeeze teacher: the process group's size) or 1
+    (a network each process trains alone, as the MTT/TESLA experts)."""
+
+    def __init__(self, cfg: ObjectiveConfig, ranks: int | None = None):
         self.cfg = cfg
-        self.fn = OBJECTIVES[cfg.name]
+        fn = OBJECTIVES[cfg.name]
+        self.fn = functools.partial(fn, ranks=ranks) if cfg.name in RANK_DEPENDENT else fn
 
     def __call__(self, model: Classifier, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Stats]:
         return self.fn(model, x, y, self.cfg)
 
 
-def build_objective(cfg: ObjectiveConfig) -> Objective:
+def build_objective(cfg: ObjectiveConfig, ranks: int | None = None) -> Objective:
     cfg.validate()
-    return Objective(cfg)
+    return Objective(cfg, ranks)
