@@ -93,3 +93,26 @@ def test_loaders_yield_one_channel_and_refuse_rgb_files(tmp_path):
         load_real(DataConfig(dataset="mnist", path=str(tmp_path / "c"), workers=0))
     with pytest.raises(GuardFastError, match="use data.backend = 'torch'"):
         build_loader(DataConfig(dataset="mnist", path=str(tmp_path / "g"), backend="ffcv"), "val")
+
+
+def test_dc_then_train_hard_stay_one_channel(tmp_path):
+    """DC distils 1-channel images (grayscale PNGs + float tensors) and a student trains on them with DC's MNIST
+    augmentation, end to end on a tiny grayscale folder."""
+    from guard_fast.distill.dc import DCConfig, run_dc
+    from guard_fast.runtime.config import load_config
+    from guard_fast.student.hard import HardTrainConfig, run_train_hard
+    from tests.conftest import ONE
+
+    gray_folder(tmp_path / "g")
+    common = [f"--data.path={tmp_path / 'g'}", "--data.dataset=mnist", "--data.workers=0", "--output.progress=false",
+              "--model.width=4"]
+    run_dc(load_config(DCConfig, None, [*common, f"--output.dir={tmp_path / 'dc'}", "--ipc=1", "--iterations=2",
+                                        "--batch_real=2", "--space=normalized"]), ONE)
+    floats = torch.load(tmp_path / "dc" / "images.pt", weights_only=True)["images"]
+    assert floats.shape == (10, 1, 28, 28)
+    png = next((tmp_path / "dc" / "images").rglob("*.png"))
+    assert Image.open(png).mode == "L"
+    r = run_train_hard(load_config(HardTrainConfig, None, [*common, f"--output.dir={tmp_path / 'th'}",
+                                                           f"--images={tmp_path / 'dc'}", "--augment=dc",
+                                                           "--optim.epochs=2", "--batch_size=5"]), ONE)
+    assert r["images"] == 10 and 0.0 <= r["val"]["clean"] <= 1.0
