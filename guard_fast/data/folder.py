@@ -33,19 +33,27 @@ def scan_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, samples
 
 
-def read_rgb(path: str) -> Image.Image:
-    """Decode fully (so truncated files fail here, not later) and convert grayscale/RGBA/palette to RGB."""
+def read_rgb(path: str, channels: int = 3) -> Image.Image:
+    """Decode fully (so truncated files fail here, not later) and convert to the data's channels: RGB (grayscale,
+    RGBA and palette images converted) or, with channels = 1, grayscale ("L"; an RGB file is refused, not mixed
+    down, so a 3-channel set never reaches a 1-channel model)."""
     try:
         with Image.open(path) as img:
             img.load()
+            if channels == 1:
+                if img.mode not in ("L", "1", "P", "I;16"):
+                    raise GuardFastError(f"{path}: a {img.mode} image in a 1-channel (grayscale) dataset; prepare "
+                                         "the data as grayscale PNGs or use a 3-channel data preset")
+                return img.convert("L")
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise GuardFastError(f"unreadable image {path}: {e}") from None
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL RGB -> float (3, H, W) in [0, 1]."""
+    """PIL RGB or L -> float (3 or 1, H, W) in [0, 1]."""
     arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    arr = arr.unsqueeze(-1) if arr.dim() == 2 else arr  # (H, W) grayscale -> (H, W, 1)
     return arr.permute(2, 0, 1).float().div_(255.0)
 
 
@@ -58,8 +66,9 @@ class FolderDataset(Dataset):
     """Items are requested as (index, epoch); train: RandomResizedCrop + flip, val: resize + center crop."""
 
     def __init__(self, root: str | Path, size: int, train: bool, crop_scale_min: float = 0.08,
-                 crop_ratio: float = 0.875, seed: int = 0, skip_corrupt: bool = False):
+                 crop_ratio: float = 0.875, seed: int = 0, skip_corrupt: bool = False, channels: int = 3):
         self.classes, self.samples = scan_folder(root)
+        self.channels = channels
         self.size, self.train, self.seed = size, train, seed
         self.scale = (crop_scale_min, 1.0)
         self.crop_ratio = crop_ratio
@@ -81,7 +90,7 @@ class FolderDataset(Dataset):
         index, epoch = item
         path, label = self.samples[index]
         try:
-            img = to_tensor(read_rgb(path))
+            img = to_tensor(read_rgb(path, self.channels))
         except GuardFastError:
             if self.skip_corrupt:
                 return None

@@ -1,8 +1,8 @@
 """`build_loader(cfg, split)`: one interface over the torch and ffcv backends.
 
-Both yield (images float (B, 3, S, S) in [0, 1] on the target device, labels int64 (B,)); normalization belongs to
-the model. Train split: RandomResizedCrop(scale=(crop_scale_min, 1)) + horizontal flip, shuffled per epoch, last
-incomplete batch dropped (drop_last=True, so every rank takes the same number of steps). Val split: resize + center
+Both yield (images float (B, C, S, S) in [0, 1] on the target device, labels int64 (B,)), C = the preset's channels
+(ffcv: 3 only); normalization belongs to the model. Train split: RandomResizedCrop(scale=(crop_scale_min, 1)) +
+horizontal flip, shuffled per epoch, last incomplete batch dropped (drop_last=True, so every rank takes the same number of steps). Val split: resize + center
 crop, fixed order, last partial batch kept. Ranks read disjoint shards. `subset` restricts either split to a seeded
 choice of images (the same choice for every world size); `shard_block` deals whole runs of positions to ranks (see
 ShardSampler).
@@ -34,7 +34,9 @@ def missing_hint(cfg: DataConfig, split: str) -> str:
     if cfg.backend == "ffcv":
         return (f" (write it from an ImageFolder: guard-fast data to-ffcv --src {Path(cfg.path) / split} "
                 f"--out {split_path(cfg, split)})")
-    return f" (run: guard-fast data prepare-digits --out {cfg.path})" if cfg.dataset == "digits" else ""
+    if cfg.dataset in ("digits", "fashion-mnist", "mnist"):
+        return f" (run: guard-fast data prepare-{cfg.dataset} --out {cfg.path})"
+    return ""
 
 
 def build_loader(cfg: DataConfig, split: str, *, rank: int = 0, world: int = 1, device: torch.device | str = "cpu",
@@ -54,6 +56,9 @@ def build_loader(cfg: DataConfig, split: str, *, rank: int = 0, world: int = 1, 
     batch_size = batch_size or (cfg.batch_size if train else cfg.eval_batch_size)
     device = torch.device(device)
     spec = resolve_dataset(cfg)
+    if cfg.backend == "ffcv" and spec.channels != 3:  # FFCV stores RGB only; replicating grayscale changes the data
+        raise GuardFastError(f"data.backend = 'ffcv' stores RGB images; data.dataset = {cfg.dataset!r} has "
+                             f"{spec.channels} channel(s): use data.backend = 'torch'")
     path = split_path(cfg, split)
     if not path.exists():
         raise GuardFastError(f"data.path: {path} not found{missing_hint(cfg, split)}")
@@ -67,7 +72,8 @@ def build_loader(cfg: DataConfig, split: str, *, rank: int = 0, world: int = 1, 
         if split == "val" and (train_path := split_path(cfg, "train")).exists():
             check_same_classes(beton_classes(train_path), loader.classes, train_path, path)
         return loader
-    ds = FolderDataset(path, spec.image_size, train, cfg.crop_scale_min, spec.crop_ratio, seed, cfg.skip_corrupt)
+    ds = FolderDataset(path, spec.image_size, train, cfg.crop_scale_min, spec.crop_ratio, seed, cfg.skip_corrupt,
+                       spec.channels)
     if split == "val" and (train_path := split_path(cfg, "train")).is_dir():
         check_same_classes(folder_classes(train_path), ds.classes, train_path, path)
     if len(ds.classes) != spec.num_classes:

@@ -18,7 +18,7 @@ from guard_fast.runtime.errors import GuardFastError
 
 @dataclass
 class RealSet:
-    pixels: torch.Tensor  # (N, 3, S, S) uint8, folder order
+    pixels: torch.Tensor  # (N, C, S, S) uint8, folder order; C = the preset's channels
     labels: torch.Tensor  # (N,) int64
     classes: list[str]
 
@@ -31,16 +31,17 @@ def load_real(cfg: DataConfig, split: str = "train", progress: bool = False) -> 
     spec = resolve_dataset(cfg)
     root = Path(cfg.path) / split
     if not root.is_dir():
-        hint = " (run: guard-fast data prepare-digits --out " + cfg.path + ")" if cfg.dataset == "digits" else ""
+        hint = f" (run: guard-fast data prepare-{cfg.dataset} --out {cfg.path})" if cfg.dataset in (
+            "digits", "fashion-mnist", "mnist") else ""
         raise GuardFastError(f"data.path: {root} not found; trajectory matching reads an ImageFolder{hint}")
     classes, samples = scan_folder(root)
     if len(classes) != spec.num_classes:
         raise GuardFastError(f"{root}: {len(classes)} class folders, but the config/preset says {spec.num_classes} "
                              "classes (data.num_classes)")
     size = spec.image_size
-    pixels = torch.empty((len(samples), 3, size, size), dtype=torch.uint8)
+    pixels = torch.empty((len(samples), spec.channels, size, size), dtype=torch.uint8)
     for i, (path, _) in enumerate(tqdm(samples, desc=f"load {split}", disable=not progress)):
-        x = to_tensor(read_rgb(path))  # (3, H, W) in [0, 1]
+        x = to_tensor(read_rgb(path, spec.channels))  # (C, H, W) in [0, 1]
         if x.shape[-2:] != (size, size):
             x = resized_crop(x, (0, 0, x.shape[-2], x.shape[-1]), size)
         pixels[i] = (x.clamp(0, 1) * 255).round().to(torch.uint8)

@@ -56,8 +56,9 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 def write_png(path: Path, pixels: torch.Tensor) -> None:
-    """uint8 (3, S, S) -> lossless PNG (atomic)."""
-    img = Image.fromarray(pixels.permute(1, 2, 0).numpy(), mode="RGB")
+    """uint8 (C, S, S) -> lossless PNG (atomic): RGB for C = 3, grayscale ("L") for C = 1."""
+    hwc = pixels.permute(1, 2, 0).numpy()
+    img = Image.fromarray(hwc[..., 0], mode="L") if hwc.shape[-1] == 1 else Image.fromarray(hwc, mode="RGB")
     atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
@@ -172,7 +173,9 @@ def _load_synthetic(root: Path, manifest: dict[str, Any], num_classes: int | Non
         path = inside(root, it["file"], f"{root / MANIFEST}: item")  # no file is read from outside the set
         try:
             with Image.open(path) as img:
-                pixels.append(torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()))
+                gray = img.mode in ("L", "1", "I;16")  # a 1-channel set stays 1-channel
+                arr = np.asarray(img.convert("L" if gray else "RGB"), dtype=np.uint8)
+                pixels.append(torch.from_numpy((arr[..., None] if gray else arr).copy()))
         except (OSError, ValueError) as e:
             raise GuardFastError(f"{path}: cannot read recovered image ({e})") from None
     px = torch.stack(pixels).permute(0, 3, 1, 2).contiguous()

@@ -254,7 +254,7 @@ def init_images(cfg: DCConfig, real: list[torch.Tensor], model: Classifier, size
     """(C * ipc, 3, S, S) in the units of cfg.space, class-major."""
     num_classes, device = len(real), real[0].device
     if cfg.init == "noise":
-        return torch.randn((num_classes * cfg.ipc, 3, size, size), generator=seeded(cfg.dist.seed, 1),
+        return torch.randn((num_classes * cfg.ipc, model.channels, size, size), generator=seeded(cfg.dist.seed, 1),
                            dtype=dtype).to(device)
     picks = torch.cat([real[c][torch.randperm(len(real[c]), generator=seeded(cfg.dist.seed, 2, c))[:cfg.ipc]]
                        for c in range(num_classes)])  # (C * ipc, 3, S, S) in [0, 1]

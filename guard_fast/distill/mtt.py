@@ -161,7 +161,7 @@ def init_images(real: RealSet, cfg: MTTConfig, model: Classifier) -> tuple[torch
     if cfg.init == "noise":
         n, size = len(real.classes) * cfg.ipc, real.pixels.shape[-1]
         labels = torch.arange(len(real.classes)).repeat_interleave(cfg.ipc)
-        return torch.randn((n, 3, size, size), generator=gen), labels, [-1] * n
+        return torch.randn((n, real.pixels.shape[1], size, size), generator=gen), labels, [-1] * n
     picks = []
     for c, name in enumerate(real.classes):
         idx = real.class_indices(c)

@@ -148,8 +148,8 @@ def recover_chunk(teacher: Classifier, labels: torch.Tensor, cfg: RecoverConfig,
     """Optimize one chunk; returns images in [0,1] (B, 3, S, S) and the loss at every 10th iteration."""
     device = labels.device
     gen = torch.Generator().manual_seed(seed)
-    u = torch.randn((len(labels), 3, size, size), generator=gen).to(device).requires_grad_(True)  # normalized
-    lo = ((0 - teacher.mean) / teacher.std).to(device)  # (1, 3, 1, 1) valid normalized range per channel
+    u = torch.randn((len(labels), teacher.channels, size, size), generator=gen).to(device).requires_grad_(True)
+    lo = ((0 - teacher.mean) / teacher.std).to(device)  # (1, C, 1, 1) valid normalized range per channel
     hi = ((1 - teacher.mean) / teacher.std).to(device)
     opt = torch.optim.Adam([u], lr=cfg.lr, betas=(0.5, 0.9))
     bn = BNStatLoss(teacher.body, cfg.first_bn_multiplier)

@@ -1,8 +1,8 @@
 """Networks that take [0,1] images (normalization is their first layer), one registry, and the wrapping order.
 
-`MODELS[arch](num_classes, width, image_size)` builds a body on normalized inputs; `build_model` wraps it in a
-`Classifier` and optionally loads a checkpoint strictly; `model_from_config` does that from a stage's `model` section
-and the resolved dataset; `prepare_model` applies channels_last and torch.compile in that order.
+`MODELS[arch](num_classes, width, image_size, channels)` builds a body on normalized inputs (channels = len(mean));
+`build_model` wraps it in a `Classifier` and optionally loads a checkpoint strictly; `model_from_config` does that
+from a stage's `model` section and the resolved dataset; `prepare_model` applies channels_last and torch.compile in that order.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def build_model(arch: str, num_classes: int, mean: Sequence[float], std: Sequenc
                 checkpoint: str = "", image_size: int = 32) -> Classifier:
     if arch not in MODELS:
         raise GuardFastError(f"unknown model {arch!r}; valid: {', '.join(sorted(MODELS))}")
-    model = Classifier(MODELS[arch](num_classes, width, image_size), mean, std)
+    model = Classifier(MODELS[arch](num_classes, width, image_size, len(mean)), mean, std)
     if checkpoint:
         load_checkpoint(model, checkpoint)
     return model

@@ -17,20 +17,30 @@ from guard_fast.runtime.weights import save_checkpoint, unwrap  # noqa: F401 (re
 
 
 class Classifier(nn.Module):
-    """[0,1] images -> logits: `body(normalize(x))`."""
+    """[0,1] images -> logits: `body(normalize(x))`. The channel count is len(mean): 3 (RGB) or 1 (grayscale); an
+    input with another channel count is refused (no silent replication of grayscale to RGB or back)."""
 
     def __init__(self, body: nn.Module, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         self.body = body
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        if len(mean) != len(std):
+            raise GuardFastError(f"mean {tuple(mean)} and std {tuple(std)}: one value per channel each")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))  # (1, C, 1, 1)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         self.channels_last = False  # set by prepare_model; body inputs then use the channels_last memory format
 
     def input_format(self, u: torch.Tensor) -> torch.Tensor:
         """u in the memory format the body's convolutions should run in (a no-op copy-free view when it already is)."""
         return u.contiguous(memory_format=torch.channels_last) if self.channels_last else u
 
+    @property
+    def channels(self) -> int:
+        return self.mean.shape[1]
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.mean.shape[1]:  # shapes only: no host-device sync
+            raise GuardFastError(f"the model takes {self.mean.shape[1]}-channel images (B, {self.mean.shape[1]}, H, "
+                                 f"W); got {tuple(x.shape)}: use the data preset made for this model")
         return self.input_format((x - self.mean) / self.std)
 
     def denormalize(self, u: torch.Tensor) -> torch.Tensor:

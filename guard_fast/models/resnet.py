@@ -27,15 +27,16 @@ class BasicBlock(nn.Module):
 
 class ResNet18(nn.Module):
     """ResNet-18 on normalized inputs. stem='imagenet': 7x7/2 conv + max-pool (224 px); 'small': 3x3/1 conv, no pool
-    (SRe2L's Tiny-ImageNet stem, also the usual CIFAR stem)."""
+    (SRe2L's Tiny-ImageNet stem, also the usual CIFAR stem). channels: input channels of the stem convolution (1 for
+    MNIST / Fashion-MNIST: grayscale is never replicated to RGB)."""
 
-    def __init__(self, num_classes: int, width: int = 64, stem: str = "imagenet"):
+    def __init__(self, num_classes: int, width: int = 64, stem: str = "imagenet", channels: int = 3):
         super().__init__()
         if stem == "imagenet":
-            self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+            self.conv1 = nn.Conv2d(channels, width, 7, 2, 3, bias=False)
             self.maxpool: nn.Module = nn.MaxPool2d(3, 2, 1)
         else:
-            self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+            self.conv1 = nn.Conv2d(channels, width, 3, 1, 1, bias=False)
             self.maxpool = nn.Identity()
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
@@ -50,7 +51,7 @@ class ResNet18(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:  # u: (B, 3, H, W) normalized
+    def forward(self, u: torch.Tensor) -> torch.Tensor:  # u: (B, channels, H, W) normalized
         x = self.maxpool(self.relu(self.bn1(self.conv1(u))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))  # (B, num_classes)

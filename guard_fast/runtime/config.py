@@ -128,8 +128,8 @@ class DataConfig:
             raise ConfigError(f"data.crop_scale_min = {self.crop_scale_min}: must be in (0, 1]")
         if not 0.0 <= self.crop_ratio <= 1.0:
             raise ConfigError(f"data.crop_ratio = {self.crop_ratio}: must be in (0, 1] (or 0 for the preset's)")
-        if len(self.mean) not in (0, 3) or len(self.std) not in (0, 3):
-            raise ConfigError("data.mean and data.std take 3 values (one per RGB channel) or none")
+        if len(self.mean) not in (0, 1, 3) or len(self.std) not in (0, 1, 3):
+            raise ConfigError("data.mean and data.std take one value per channel (3 for RGB, 1 for grayscale) or none")
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"data.std = {self.std}: every value must be > 0")
 

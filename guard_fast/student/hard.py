@@ -4,7 +4,10 @@ DC's `evaluate_synset` (VICO-UoE/DatasetCondensation utils.py): a fresh ConvNet,
 5e-4 on every parameter, lr 0.01 multiplied by 0.1 (not halved) after epoch Epoch//2 + 1, batch 256 shuffled with the
 last partial batch kept, CE loss, 300 epochs (1000 with augmentation; set optim.epochs). With `augment = "dsa"` every
 batch gets DSA with one draw per image (the reference's seed = -1 path; guard_fast/data/dsa.py), acting on the
-normalized images as the authors' code does (dsa_space; "pixel" is our earlier [0,1]-pixel behaviour). The images
+normalized images as the authors' code does (dsa_space; "pixel" is our earlier [0,1]-pixel behaviour). With
+`augment = "dc"` every batch gets DC's own evaluation augmentation (get_daparam / augment, utils.py:428-445, 365-424:
+one of dc_strategy's operations per image, on normalized images; guard_fast/data/dc_augment.py), which DC's code
+uses for MNIST students only ('crop_scale_rotate', then 1000 epochs, main.py:117-121). The images
 are the set's float tensors when it has them (as the reference, which trains on the tensors it optimized);
 quantize = true trains on the 8-bit PNG values instead.
 
@@ -23,11 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from guard_fast.attacks.accuracy import accuracy
 from guard_fast.data import build_loader
+from guard_fast.data.dc_augment import MNIST_STRATEGY, check_dc_strategy, dc_augment_pixels
 from guard_fast.data.dsa import SPACES, STRATEGY, apply_dsa_in, check_strategy, sample_dsa
 from guard_fast.data.presets import resolve_dataset
 from guard_fast.data.synthetic import SyntheticSet, load_synthetic
@@ -40,7 +45,7 @@ from guard_fast.runtime.engine import OptimConfig
 from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.loop import build_trainer
 
-AUGMENTS = ("none", "dsa")
+AUGMENTS = ("none", "dsa", "dc")
 
 
 def _hard_optim() -> OptimConfig:
@@ -64,7 +69,10 @@ class HardTrainConfig:
     batch_size: int = 256
     """images per optimizer step over all ranks (DC's batch_train); the last partial batch of an epoch is kept"""
     augment: str = "none"
-    """none, or dsa (differentiable siamese augmentation, one draw per image)"""
+    """none, dsa (differentiable siamese augmentation, one draw per image) or dc (DC's evaluation augmentation:
+    one of dc_strategy's operations per image, normalized space; DC uses it for MNIST)"""
+    dc_strategy: str = MNIST_STRATEGY
+    """DC augmentation operations joined by '_' from crop, scale, rotate, noise (augment = dc)"""
     dsa_strategy: str = STRATEGY
     """DSA groups joined by '_' (augment = dsa)"""
     dsa_space: str = "normalized"
@@ -97,6 +105,10 @@ class HardTrainConfig:
             check_strategy(self.dsa_strategy)
         except ValueError as e:
             raise ConfigError(f"dsa_strategy: {e}") from None
+        try:
+            check_dc_strategy(self.dc_strategy)
+        except ValueError as e:
+            raise ConfigError(f"dc_strategy: {e}") from None
         if self.dsa_space not in SPACES:
             raise ConfigError(f"dsa_space = {self.dsa_space!r}: valid values are {', '.join(SPACES)}")
         if self.batch_size < 1:
@@ -174,6 +186,9 @@ def run_train_hard(cfg: HardTrainConfig, info: DistInfo) -> dict[str, Any]:
                 gen = torch.Generator().manual_seed((cfg.dist.seed * 1_000_003 + epoch) * 100_003 + b)
                 draw = sample_dsa(gen, cfg.dsa_strategy, x.shape[2], x.shape[3], len(ids))
                 x = apply_dsa_in(x, draw, cfg.dsa_space, "pixel", mean, std)
+            elif cfg.augment == "dc":  # DC's per-image draws, seeded by (seed, epoch, batch) like DSA's
+                rng = np.random.default_rng((cfg.dist.seed * 1_000_003 + epoch) * 100_003 + b)
+                x = dc_augment_pixels(x, cfg.dc_strategy, rng, mean, std)
             xs, ys = x.tensor_split(info.world)[info.rank], y.tensor_split(info.world)[info.rank]
             loss = F.cross_entropy(engine(xs.to(dtype)).float(), ys, reduction="sum") * (info.world / len(ids))
             engine.backward(loss)

@@ -1,0 +1,61 @@
+"""The reproduction harness (issue 25 E): random-real sets, cached units, the report's statistics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from guard_fast.data.mnist import prepare_mnist_family
+from guard_fast.data.synthetic import load_synthetic
+from guard_fast.runtime.errors import GuardFastError
+from guard_fast.study import reproduce
+from guard_fast.study.reproduce import Cell, parse_cells, random_real_set, run_cells
+from tests.conftest import REPO
+from tests.data.test_mnist import write_idx_set
+
+PRESET = str(REPO / "configs" / "fashion-mnist" / "pipeline-dc.toml")
+
+
+@pytest.fixture(scope="module")
+def tiny_fmnist(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fm")
+    write_idx_set(root / "idx", n_train=60, n_test=20)
+    prepare_mnist_family("fashion-mnist", root / "data", "idx", root / "idx", holdout_fraction=0)
+    return root / "data"
+
+
+def test_random_real_set_is_ipc_train_images_per_class_seeded_by_draw(tiny_fmnist, tmp_path):
+    train = torch.load(tiny_fmnist / "tensors.pt", weights_only=True)["train"]
+    sets = [load_synthetic(random_real_set(tiny_fmnist, 2, d, tmp_path / f"d{d}"), 10) for d in (0, 1)]
+    for s in sets:
+        assert s.pixels.shape == (20, 1, 28, 28) and s.labels.bincount().tolist() == [2] * 10
+        for px, item in zip(s.pixels, s.manifest["items"], strict=True):  # each image is the train image it names
+            k = int(torch.nonzero(train["ids"] == item["train_id"])[0])
+            assert torch.equal(px, train["pixels"][k]) and int(train["labels"][k]) == item["label"]
+    assert not torch.equal(sets[0].pixels, sets[1].pixels)
+
+
+def test_units_are_cached_and_the_report_is_their_statistics(tiny_fmnist, tmp_path, monkeypatch):
+    over = [f"--data.path={tiny_fmnist}", "--train_hard.model.width=4", "--train_hard.optim.epochs=2"]
+    out = run_cells(PRESET, over, tmp_path / "runs", [Cell("random-real", 1)], 2, 2, 1, tmp_path / "rep", "cmd")
+    units = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs").rglob("model*.json"))]
+    accs = np.array([u["acc"] for u in units])
+    row = out["cells"][0]
+    assert len(units) == 4 and row["units_done"] == 4 and row["published"] == 51.4
+    assert row["mean"] == pytest.approx(accs.mean()) and row["sd"] == pytest.approx(accs.std())  # np.std as DC
+    assert row["gap"] == pytest.approx(accs.mean() - 51.4) and row["budget"].startswith("reduced: 2 draws x 2")
+    assert (tmp_path / "rep.md").read_text().count("random-real-ipc1") == 1
+    monkeypatch.setattr(reproduce, "run_unit", lambda *a: pytest.fail("a cached unit ran again"))
+    assert run_cells(PRESET, over, tmp_path / "runs", [Cell("random-real", 1)], 2, 2, 1, tmp_path / "rep",
+                     "cmd")["cells"][0]["mean"] == row["mean"]
+
+
+def test_bad_cells_and_process_counts_are_refused(tmp_path):
+    assert parse_cells("random-real:1, dc:10") == [Cell("random-real", 1), Cell("dc", 10)]
+    with pytest.raises(GuardFastError, match="METHOD:IPC"):
+        parse_cells("dsa:1")
+    with pytest.raises(GuardFastError, match="--procs 3"):
+        run_cells(PRESET, [], tmp_path, [Cell("dc", 1)], 1, 1, 3, tmp_path / "r", "")
