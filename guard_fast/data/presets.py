@@ -26,6 +26,11 @@ class DatasetSpec:
     arch: str
     """default model for this dataset"""
 
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the model's input: one channel per normalization mean."""
+        return len(self.mean), self.image_size, self.image_size
+
 
 DATASETS = {
     # scikit-learn's 1,797 8x8 handwritten digits, upscaled (guard-fast data prepare-digits). Mean/std measured on
