@@ -15,7 +15,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from guard_fast.methods import METHODS, Method, Stage, describe_methods, resolve, sections, stage_config, used_sections
 from guard_fast.robustness.curvature import PipelineCurvatureConfig, combine, run_curvature, write_outputs
@@ -159,7 +159,10 @@ def _stage_fn(stage: Stage, info: DistInfo):
     return fn
 
 
-def run_pipeline(cfg: PipelineConfig, info: DistInfo) -> dict[str, Any]:
+def run_pipeline(cfg: PipelineConfig, info: DistInfo,
+                 on_stage: Callable[[str, Path], None] | None = None) -> dict[str, Any]:
+    """Every stage of every chain, cached; `on_stage(kind, folder)` after each (the study checks its gates there: an
+    exception stops the pipeline before the next stage)."""
     root = Path(cfg.output.dir)
     RunDir(root, cfg, is_main=info.is_main, device=info.device).start()
     chains = plan_pipeline(cfg, root)
@@ -175,6 +178,8 @@ def run_pipeline(cfg: PipelineConfig, info: DistInfo) -> dict[str, Any]:
                 done[stage.folder] = runner.run(str(stage.folder.relative_to(root)), stage.folder,
                                                 key_dict(stage.config), upstream, _stage_fn(stage, info),
                                                 kind=stage.kind)
+                if on_stage is not None:
+                    on_stage(stage.kind, stage.folder)
             if "grid" in stage.outputs:
                 grids[f"{label} IPC {ipc}"] = str(done[stage.folder].path("grid").relative_to(root))
         evaluations.append((label, ipc, done[next(s for s in stages if s.kind == "evaluate").folder]))

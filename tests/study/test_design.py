@@ -12,7 +12,6 @@ from scipy import stats as sps
 
 from guard_fast.study import stats as S
 
-
 # --- GUARD's step scaled to the resolution -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape, want", [((1, 28, 28), 0.2165), ((3, 224, 224), 3.0), ((3, 32, 32), 0.4286),
@@ -42,7 +41,7 @@ def test_resolution_scaled_objective_equals_the_explicit_step(tiny_model):
         loss.backward()
         losses[name] = (loss.item(), [p.grad.clone() for p in model.parameters()])
     assert losses["scaled"][0] == pytest.approx(losses["explicit"][0], rel=1e-6)
-    for a, b in zip(losses["scaled"][1], losses["explicit"][1]):
+    for a, b in zip(losses["scaled"][1], losses["explicit"][1], strict=True):
         torch.testing.assert_close(a, b)
     assert losses["scaled"][0] != pytest.approx(losses["unscaled"][0], rel=1e-6)
 
@@ -110,7 +109,7 @@ def test_holm_adjusted_p_agrees_with_the_step_down_rule():
         adj = S.holm(p)
         for alpha in (0.01, 0.05):
             assert [a <= alpha for a in adj] == holm_reject(p, alpha)
-        assert all(a >= b for a, b in zip(adj, p))
+        assert all(a >= b for a, b in zip(adj, p, strict=True))
 
 
 def test_non_inferiority_and_tost_match_scipy_one_sided_tests():

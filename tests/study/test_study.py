@@ -35,7 +35,9 @@ def tiny_study(data: Path, runs: Path, results: Path, readme: Path) -> list[str]
             "\"sre2l:teacher=grad-norm:label=GN | --squeeze.objective.grad_norm_beta=0.1\"]",
             "--table3.ipc=[1]", "--table3.pairs=[\"GUARD vs GN\"]",
             "--selection.ipc=1", "--selection.val_fraction=0.25", "--selection.eps=1/255",
-            "--selection.guard=[\"squeeze.objective.beta=0.01,0.1\"]"]
+            "--selection.guard=[\"squeeze.objective.beta=0.01,0.1\"]",
+            "--plan.pairs=[\"GUARD vs SRe2L\"]", "--plan.ipc=1", "--plan.eps=8/255", f"--plan.seeds={len(SEEDS)}",
+            "--plan.stopping_rule=all seeds, no interim look"]
 
 
 @pytest.fixture(scope="module")
