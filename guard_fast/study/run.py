@@ -174,12 +174,14 @@ def measure_gates(cfg: StudyConfig, plan: Plan, cells: dict[str, dict[int, list[
 
 
 def run_cells(cfg: StudyConfig, info: DistInfo, plan: Plan, after_job: Callable[[], str | None]) -> None:
-    """Every call of the plan for every seed as jobs (call-major, so finished cells have all their seeds first);
+    """Every call of the plan for every seed as jobs (call-major, so finished cells have all their seeds first, the
+    base call first);
     after each job, `after_job` (rank 0) rewrites the report from what is on disk and returns the failed gate's line
     (None when every gate holds); a failure stops every rank."""
     roots = plan_roots(cfg, plan)
     jobs = []
-    for call in plan.calls:
+    # the base call first: it holds the plain teacher, so the teacher gates stop the study before any row is made
+    for call in sorted(plan.calls, key=lambda c: c.slug != "base"):
         for seed in cfg.seeds:
             out = Path(cfg.runs_dir) / f"seed{seed}" / call.slug
             gate = GateContext(cfg.gates, cfg.pipeline, [r for r in roots if r[0] == seed], Path(cfg.runs_dir))
