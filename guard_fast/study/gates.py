@@ -6,7 +6,8 @@ Declared in the study config (`[gates]`), measured from the finished stages on d
 - `guard_teacher_max_drop`: a GUARD teacher's test accuracy is at most this far below the plain teacher of the
   same seed;
 - `recovered_min`: the teacher classifies this fraction of the images recovered from it (top-1 on the stored 8-bit
-  set, no crop), measured here and cached by the set's content hash;
+  set, no crop; the teacher and data settings are the recover stage's own config.json), measured here and cached
+  by the set's content hash;
 - `kd_min`: the clean accuracy of the `kd_row` student (KD on a relabelled real subset: the recipe check).
 
 A measured value below its threshold stops the study with one line naming the gate, the stage, the measured value
@@ -15,7 +16,6 @@ and the threshold (`GateError`). A gate whose stage has not finished is simply n
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -54,12 +54,13 @@ def teacher_accuracy(folder: Path) -> float | None:
 
 
 @torch.no_grad()
-def recovered_accuracy(folder: Path, teacher_model: Any, data_cfg: Any, cache: dict[str, Any]) -> float | None:
-    """Top-1 of the recover stage's teacher (manifest 'teacher') on the stage's images, in eval mode; `cache` maps
-    the folder to {content_hash, accuracy} so each set is measured once."""
+def recovered_accuracy(folder: Path, cache: dict[str, Any]) -> float | None:
+    """Top-1 of the recover stage's own teacher (its config.json: model settings and checkpoint, data) on the
+    stage's images, in eval mode; `cache` maps the folder to {content_hash, accuracy} so each set is measured once."""
     from guard_fast.data.presets import resolve_dataset
     from guard_fast.data.synthetic import load_synthetic
-    from guard_fast.models import model_from_config
+    from guard_fast.models import ModelConfig, model_from_config
+    from guard_fast.runtime.config import DataConfig, from_dict
 
     if not _finished(folder):
         return None
@@ -67,8 +68,9 @@ def recovered_accuracy(folder: Path, teacher_model: Any, data_cfg: Any, cache: d
     hit = cache.get(str(folder))
     if hit and hit["content_hash"] == manifest["content_hash"]:
         return hit["accuracy"]
-    spec = resolve_dataset(data_cfg)
-    model = model_from_config(teacher_model, spec, manifest["teacher"]).eval()
+    stage = json.loads((folder / "config.json").read_text())
+    spec = resolve_dataset(from_dict(DataConfig, stage["data"]))
+    model = model_from_config(from_dict(ModelConfig, stage["model"]), spec).eval()
     images = load_synthetic(folder, spec.num_classes)
     x = images.train_pixels(quantize=True)[:, : spec.input_shape[0]]  # (N, C, S, S) in [0, 1]
     correct = sum(int((model(x[i:i + 256]).argmax(1) == images.labels[i:i + 256]).sum())
@@ -82,7 +84,7 @@ def _result(gate: str, where: str, measured: float | None, threshold: float, ok:
     return {"gate": gate, "where": where, "measured": measured, "threshold": threshold, "ok": ok}
 
 
-def measure_roots(gates: Any, pipeline: Any, roots: list[tuple[int, Path]], runs_dir: Path) -> list[dict[str, Any]]:
+def measure_roots(gates: Any, roots: list[tuple[int, Path]], runs_dir: Path) -> list[dict[str, Any]]:
     """Every teacher / recover gate over the finished stages of these pipeline folders ((seed, folder) pairs)."""
     cache_path = runs_dir / CACHE
     try:
@@ -105,10 +107,8 @@ def measure_roots(gates: Any, pipeline: Any, roots: list[tuple[int, Path]], runs
             out.append(_result("guard_teacher_max_drop", _rel(root / "teachers/guard", runs_dir), drop,
                                gates.guard_teacher_max_drop, drop <= gates.guard_teacher_max_drop))
         if gates.recovered_min:
-            teacher = copy.deepcopy(pipeline.squeeze.model)
-            teacher.compile = False
             for folder in sorted(root.glob("*/ipc*/recover")):
-                acc = recovered_accuracy(folder, teacher, pipeline.data, cache)
+                acc = recovered_accuracy(folder, cache)
                 if acc is not None:
                     out.append(_result("recovered_min", _rel(folder, runs_dir), acc, gates.recovered_min,
                                        acc >= gates.recovered_min))

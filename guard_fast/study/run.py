@@ -164,7 +164,7 @@ def plan_roots(cfg: StudyConfig, plan: Plan) -> list[tuple[int, Path]]:
 
 def measure_gates(cfg: StudyConfig, plan: Plan, cells: dict[str, dict[int, list[dict]]]) -> list[dict[str, Any]]:
     """Every declared gate over the finished stages of the plan (teachers, recovered sets, the KD recipe row)."""
-    out = G.measure_roots(cfg.gates, cfg.pipeline, plan_roots(cfg, plan), Path(cfg.runs_dir))
+    out = G.measure_roots(cfg.gates, plan_roots(cfg, plan), Path(cfg.runs_dir))
     kd: dict[int, float] = {}
     for (_table, label, _ipc), cid in plan.cells.items():
         if label == cfg.gates.kd_row:
@@ -184,7 +184,7 @@ def run_cells(cfg: StudyConfig, info: DistInfo, plan: Plan, after_job: Callable[
     for call in sorted(plan.calls, key=lambda c: c.slug != "base"):
         for seed in cfg.seeds:
             out = Path(cfg.runs_dir) / f"seed{seed}" / call.slug
-            gate = GateContext(cfg.gates, cfg.pipeline, [r for r in roots if r[0] == seed], Path(cfg.runs_dir))
+            gate = GateContext(cfg.gates, [r for r in roots if r[0] == seed], Path(cfg.runs_dir))
             jobs.append(Job(f"seed{seed}/{call.slug}",
                             pipeline_config(cfg, call.settings, out, seed, call.methods, call.ipc), gate))
 

@@ -33,14 +33,13 @@ class GateContext:
     """What a worker needs to check the teacher / recover gates right after those stages."""
 
     gates: Any
-    pipeline: Any
     roots: list[tuple[int, Path]]
     """(seed, pipeline folder) of the plan's calls for this job's seed (the plain teacher may live in another)"""
     runs_dir: Path
 
     def after_stage(self, kind: str, folder: Path) -> None:
         if kind in ("squeeze", "recover"):
-            G.check(G.measure_roots(self.gates, self.pipeline, self.roots, self.runs_dir))
+            G.check(G.measure_roots(self.gates, self.roots, self.runs_dir))
 
 
 @dataclass

@@ -92,7 +92,7 @@ def test_gate_measurements_and_the_failure_line(tmp_path):
     teacher(tmp_path / "seed1/beta-0.1", "guard", 0.10, done=False)  # unfinished: not measured
     roots = [(s, tmp_path / f"seed{s}" / slug) for s in (0, 1) for slug in ("base", "beta-0.1")]
     gates = GatesConfig(teacher_min=0.88, guard_teacher_max_drop=0.02)
-    res = G.measure_roots(gates, None, roots, tmp_path)
+    res = G.measure_roots(gates, roots, tmp_path)
     assert [(r["gate"], r["where"], round(r["measured"], 6), r["ok"]) for r in res] == [
         ("teacher_min", "seed0/base/teachers/none", 0.90, True),
         ("teacher_min", "seed1/base/teachers/none", 0.95, True),
@@ -105,7 +105,7 @@ def test_gate_measurements_and_the_failure_line(tmp_path):
     summary = {g["gate"]: g for g in G.summary(res, gates)}
     assert summary["teacher_min"]["worst"] == 0.90 and summary["teacher_min"]["ok"] is True
     assert summary["guard_teacher_max_drop"]["ok"] is False and "recovered_min" not in summary  # off: not listed
-    assert G.failure_line(G.measure_roots(GatesConfig(teacher_min=0.88), None, roots, tmp_path)) is None
+    assert G.failure_line(G.measure_roots(GatesConfig(teacher_min=0.88), roots, tmp_path)) is None
 
 
 def test_recovered_gate_is_the_teachers_top1_on_its_images(teacher, digits_dir, tmp_path):
@@ -116,7 +116,7 @@ def test_recovered_gate_is_the_teachers_top1_on_its_images(teacher, digits_dir, 
     from guard_fast.data import build_loader
     from guard_fast.data.synthetic import write_synthetic
     from guard_fast.models import ModelConfig, build_model
-    from guard_fast.runtime.config import DataConfig
+    from guard_fast.runtime.config import DataConfig, to_dict
     from guard_fast.study.gates import recovered_accuracy
 
     data = DataConfig(dataset="digits", path=str(digits_dir), image_size=16, batch_size=100, workers=0)
@@ -129,16 +129,18 @@ def test_recovered_gate_is_the_teachers_top1_on_its_images(teacher, digits_dir, 
     pixels = (x * 255).round().clamp(0, 255).to(torch.uint8)
     write_synthetic(folder, pixels, items, [str(c) for c in range(10)], {"ipc": 1, "teacher": str(teacher)})
     (folder / "stage.json").write_text("{}")
+    (folder / "config.json").write_text(json.dumps({"data": to_dict(data), "model": to_dict(
+        ModelConfig(arch="resnet18-cifar", width=4, checkpoint=str(teacher)))}))
     model = build_model("resnet18-cifar", 10, (0.3095,) * 3, (0.3489,) * 3, width=4, checkpoint=str(teacher)).eval()
     with torch.no_grad():
         want = (model(pixels.float() / 255).argmax(1) == y).sum().item() / len(y)
     cache: dict = {}
-    got = recovered_accuracy(folder, ModelConfig(arch="resnet18-cifar", width=4), data, cache)
+    got = recovered_accuracy(folder, cache)
     assert got == pytest.approx(want, abs=1e-9) and cache[str(folder)]["accuracy"] == got
     cache[str(folder)]["accuracy"] = -1.0  # a cache hit is used as is ...
-    assert recovered_accuracy(folder, ModelConfig(arch="resnet18-cifar", width=4), data, cache) == -1.0
+    assert recovered_accuracy(folder, cache) == -1.0
     cache[str(folder)]["content_hash"] = "other"  # ... unless the set changed
-    assert recovered_accuracy(folder, ModelConfig(arch="resnet18-cifar", width=4), data, cache) == pytest.approx(want)
+    assert recovered_accuracy(folder, cache) == pytest.approx(want)
 
 
 @pytest.mark.subprocess
@@ -150,7 +152,7 @@ def test_impossible_gate_stops_the_smoke_preset_with_one_line(digits_subset, tmp
     r = study(["--config", str(PRESET), "--quick", f"--pipeline.data.path={data}", "--pipeline.data.workers=0",
                f"--runs_dir={tmp_path / 'runs'}", f"--results_dir={tmp_path / 'res'}", "--readme=", "--cost.config=",
                "--selection.guard=[\"squeeze.objective.beta=0.03\"]", "--table5.rows=[]", "--table5.pairs=[]",
-               "--pipeline.squeeze.val_batches=0", "--gates.teacher_min=1.0"], check=False)
+               "--pipeline.data.batch_size=16", "--gates.teacher_min=1.0"], check=False)
     assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-3000:]
     errors = [ln for ln in r.stderr.splitlines() if "error:" in ln]
     assert len(errors) == 1, r.stderr[-3000:]
@@ -195,3 +197,20 @@ def test_parallel_workers_give_the_sequential_results(digits_subset, tmp_path):
     r = study(args)  # a rerun with workers: everything cached, same numbers
     assert ": running" not in r.stdout and ": cached" in r.stdout
     assert json.loads((tmp_path / "w2/res/results.json").read_text())["cells"] == cells[2]
+
+
+def test_kd_recipe_gate_reads_the_named_rows_clean_accuracy(tmp_path):
+    from guard_fast.study.config import load_study
+    from guard_fast.study.plan import Plan
+    from guard_fast.study.run import measure_gates
+
+    cfg = load_study(["--config", str(PRESET), f"--runs_dir={tmp_path}", "--gates.kd_row=SRe2L", "--gates.kd_min=0.4",
+                      "--gates.teacher_min=0"])
+    plan = Plan(cells={("table12", "SRe2L", 10): "base/SRe2L IPC 10", ("table12", "GUARD", 10): "beta/GUARD IPC 10"})
+    cells = {"base/SRe2L IPC 10": {0: [{"eps": 1 / 255, "clean": 0.5}], 1: [{"eps": 1 / 255, "clean": 0.3}]},
+             "beta/GUARD IPC 10": {0: [{"eps": 1 / 255, "clean": 0.1}]}}
+    res = measure_gates(cfg, plan, cells)
+    assert [(r["gate"], r["where"], r["measured"], r["ok"]) for r in res] == [
+        ("kd_min", "SRe2L, seed 0", 0.5, True), ("kd_min", "SRe2L, seed 1", 0.3, False)]
+    cfg.gates.kd_row = ""
+    assert measure_gates(cfg, plan, cells) == []  # no row named: the gate is off
