@@ -214,3 +214,81 @@ def test_kd_recipe_gate_reads_the_named_rows_clean_accuracy(tmp_path):
         ("kd_min", "SRe2L, seed 0", 0.5, True), ("kd_min", "SRe2L, seed 1", 0.3, False)]
     cfg.gates.kd_row = ""
     assert measure_gates(cfg, plan, cells) == []  # no row named: the gate is off
+
+
+def test_pilot_needs_no_plan_and_writes_beside_the_main_report(tmp_path, monkeypatch):
+    """--pilot takes the first plan.pilot_seeds seeds into results_dir/pilot and gets past the plan check (stopped
+    here at the first step after it, the selection split)."""
+    from guard_fast.study import run as R
+    from guard_fast.study.config import load_study
+
+    cfg = load_study(["--config", str(PRESET), f"--runs_dir={tmp_path}", f"--results_dir={tmp_path / 'res'}",
+                      "--plan.pairs=[]", "--seeds=[4,5,6,7]", "--plan.pilot_seeds=2", "--pilot"])
+    pilot = R.pilot_config(cfg)
+    assert pilot.seeds == [4, 5] and pilot.results_dir == str(tmp_path / "res" / "pilot") and pilot.readme == ""
+
+    class Reached(Exception):
+        pass
+
+    def stop(*_):
+        raise Reached
+
+    monkeypatch.setattr(R, "prepare_selection_data", stop)
+    with pytest.raises(Reached):
+        R.run_study(cfg, ONE)
+    assert not (tmp_path / "plan.json").exists()  # a pilot registers nothing
+
+
+def test_report_opens_with_verdicts_and_headline_and_recomputes_the_primary_test(tmp_path):
+    """write_study_report on made-up per-seed numbers: section order (verdicts, headline figure, settings, plan,
+    gates, pilot, power, secondary), and the primary comparison = scipy's paired t-test, Holm over a family of
+    one, TOST / non-inferiority from the same differences."""
+    import numpy as np
+    from scipy import stats as sps
+
+    from guard_fast.study import stats as S
+    from guard_fast.study.config import load_study
+    from guard_fast.study.plan import Plan
+    from guard_fast.study.report import write_study_report
+
+    cfg = load_study(["--config", str(PRESET), f"--runs_dir={tmp_path}", f"--results_dir={tmp_path / 'res'}",
+                      "--readme=", "--figures=[]", "--table3.rows=[]", "--table3.pairs=[]", "--table5.rows=[]",
+                      "--table5.pairs=[]", "--table12.rows=[\"sre2l:teacher=guard | @guard\",\"sre2l:teacher=none\"]",
+                      "--table12.pairs=[\"GUARD vs SRe2L\"]", "--table12.ipc=[10]"])
+    rng = np.random.default_rng(3)
+    eps = [1 / 255, 2 / 255, 4 / 255, 8 / 255]
+    base = {s: rng.uniform(0.3, 0.5, 4) for s in cfg.seeds}
+    gain = {s: rng.normal(0.03, 0.01, 4) for s in cfg.seeds}
+
+    def rows(guard: bool) -> dict[int, list[dict]]:
+        return {s: [{"label": "x", "eps": e, "clean": 0.8 + (0.005 * s if guard else 0.0),
+                     "pgd100": base[s][i] + (gain[s][i] if guard else 0.0)} for i, e in enumerate(eps)]
+                for s in cfg.seeds}
+
+    plan = Plan(cells={("table12", "GUARD", 10): "beta/GUARD IPC 10", ("table12", "SRe2L", 10): "base/SRe2L IPC 10"})
+    cells = {"beta/GUARD IPC 10": rows(True), "base/SRe2L IPC 10": rows(False)}
+    gates = [{"gate": "teacher_min", "where": "seed0/base/teachers/none", "measured": 0.9, "threshold": 0.5,
+              "ok": True}]
+    res = write_study_report(cfg, plan, cells, {}, None, gates, {"sha256": "abc", "registered": "abc",
+                                                                 "registered_plan": None, "changed": False})
+    report = (tmp_path / "res/report.md").read_text()
+    heads = [ln for ln in report.splitlines() if ln.startswith("## ")]
+    assert heads[:7] == ["## Verdicts", "## Settings", "## Pre-registered plan", "## Stage gates", "## Pilot",
+                         "## Power analysis", "## Secondary comparisons: the paper's claims"]
+    assert report.index("![headline") < report.index("## Settings") and (tmp_path / "res/headline.png").is_file()
+    d = np.array([gain[s][2] for s in cfg.seeds])  # 4/255
+    v = res["primary"]["pairs"]["GUARD vs SRe2L"]
+    t = sps.ttest_1samp(d, 0.0)
+    assert v["p"] == pytest.approx(t.pvalue, rel=1e-9) and v["p_holm"] == pytest.approx(t.pvalue, rel=1e-9)
+    assert v["diffs"] == pytest.approx(list(d), abs=1e-12)
+    ci = t.confidence_interval(0.95)
+    assert (v["ci"]["lo"], v["ci"]["hi"]) == pytest.approx((ci.low, ci.high), rel=1e-9)
+    assert v["mdd"] == pytest.approx(S.mdd(d.std(ddof=1), 3))
+    assert v["verdict"] == ("supported" if t.pvalue < 0.05 and d.mean() > 0 else
+                            "equivalent" if S.tost(list(d), 0.02)["equivalent"] else "underpowered")
+    assert v["clean"]["verdict"] == "supported"  # GUARD's clean accuracy is never lower here
+    assert f"| GUARD vs SRe2L | 3 | {100 * d.mean():+.2f}" in report and v["verdict"] in report
+    assert "| teacher_min |" in report and "`abc`" in report
+    pilot = {r["eps"]: r for r in res["pilot"]}
+    assert pilot["4/255"]["sd"] == pytest.approx(d.std(ddof=1)) and pilot["4/255"]["n_needed"] == S.n_for_mdd(
+        d.std(ddof=1), 0.02)
