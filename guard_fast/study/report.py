@@ -276,7 +276,8 @@ def write_study_report(cfg: StudyConfig, plan: Plan, cells: dict[str, dict[int, 
     gate_summary = G.summary(list(gates), cfg.gates)
     headline = A.headline_figure(cfg, plan, stats, out / "headline.png")
     results = {"config": to_dict(cfg), "seeds": cfg.seeds, "selection": selected, "cells": cells,
-               "plan": {**(registration or {}), "pilot": cfg.pilot}, "primary": primary, "pilot": pilot,
+               "results_dir": cfg.results_dir, "plan": {**(registration or {}), "pilot": cfg.pilot},
+               "primary": primary, "pilot": pilot,
                "power": power, "gates": list(gates), "gate_summary": gate_summary,
                "cell_stats": stats, "tables": tables, "comparisons": comparisons, "cost": cost, "missing": missing,
                "charts": charts, "verdicts": {k: S.overall([c["verdict"] for c in comparisons if c["claim"] == k])

@@ -174,10 +174,9 @@ def measure_gates(cfg: StudyConfig, plan: Plan, cells: dict[str, dict[int, list[
 
 
 def run_cells(cfg: StudyConfig, info: DistInfo, plan: Plan, after_job: Callable[[], str | None]) -> None:
-    """Every call of the plan for every seed as jobs (call-major, so finished cells have all their seeds first, the
-    base call first);
-    after each job, `after_job` (rank 0) rewrites the report from what is on disk and returns the failed gate's line
-    (None when every gate holds); a failure stops every rank."""
+    """Every call of the plan for every seed as jobs (call-major, so finished cells have all their seeds first; the
+    base call first); after each job, `after_job` (rank 0) rewrites the report from what is on disk and returns the
+    failed gate's line (None when every gate holds); a failure stops every rank."""
     roots = plan_roots(cfg, plan)
     jobs = []
     # the base call first: it holds the plain teacher, so the teacher gates stop the study before any row is made
