@@ -66,8 +66,15 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+# Left in the environment by the parent's own 1-rank process group (engine.ensure_process_group, e.g. after a job ran
+# in-process): a worker that inherited them would bind the parent's MASTER_PORT and fail with EADDRINUSE.
+GROUP_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
 def _worker(job: Job, conn: Any, parent: int) -> None:
     _exit_with_parent(parent)
+    for k in GROUP_ENV:
+        os.environ.pop(k, None)  # each worker makes its own 1-rank group on a free port
     torch.set_num_threads(1)
     status = ("ok", "")
     try:
