@@ -116,7 +116,8 @@ def main() -> None:
              f"machine's cores). Parallel / sequential speed-up (median wall time): {speedup:.2f}x; per-seed results "
              f"identical in every run: {same}. Load average at the end: {load}. The machine is shared: the spread "
              "is the p20-p80 over repetitions.")
-    write_results("study-runner", {**vars(a), "command": cmd}, results,
+    config = {k: v for k, v in vars(a).items() if k != "out"}
+    write_results("study-runner", {**config, "command": cmd}, results,
                   ["mode", "workers", "stages", "wall s, median [p20, p80]", "stages/hour"], rows, a.out, notes)
     print(f"speed-up {speedup:.2f}x, same results: {same}")
 
