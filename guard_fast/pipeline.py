@@ -15,7 +15,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from guard_fast.methods import METHODS, Method, Stage, describe_methods, resolve, sections, stage_config, used_sections
 from guard_fast.robustness.curvature import PipelineCurvatureConfig, combine, run_curvature, write_outputs
@@ -27,7 +27,7 @@ from guard_fast.runtime.distributed import DistInfo
 from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.io import atomic_json, atomic_text
 from guard_fast.runtime.cluster import open_run
-from guard_fast.runtime.runfolder import stage
+from guard_fast.runtime import runfolder
 from guard_fast.runtime.stagecache import StageRecord, StageRunner
 
 UNKEYED = ("output", "stop_after", "resume", "allow_config_change")  # fields that do not change a stage's result
@@ -160,8 +160,11 @@ def _stage_fn(stage: Stage, info: DistInfo):
     return fn
 
 
-@stage("pipeline")
-def run_pipeline(cfg: PipelineConfig, info: DistInfo) -> dict[str, Any]:
+@runfolder.stage("pipeline")
+def run_pipeline(cfg: PipelineConfig, info: DistInfo,
+                 on_stage: Callable[[str, Path], None] | None = None) -> dict[str, Any]:
+    """Every stage of every chain, cached; `on_stage(kind, folder)` after each (the study checks its gates there: an
+    exception stops the pipeline before the next stage)."""
     root = Path(cfg.output.dir)
     open_run(root, cfg, info=info, keyed=False).start()  # stages key their own work: a changed config reruns them
     chains = plan_pipeline(cfg, root)
@@ -177,6 +180,8 @@ def run_pipeline(cfg: PipelineConfig, info: DistInfo) -> dict[str, Any]:
                 done[stage.folder] = runner.run(str(stage.folder.relative_to(root)), stage.folder,
                                                 key_dict(stage.config), upstream, _stage_fn(stage, info),
                                                 kind=stage.kind)
+                if on_stage is not None:
+                    on_stage(stage.kind, stage.folder)
             if "grid" in stage.outputs:
                 grids[f"{label} IPC {ipc}"] = str(done[stage.folder].path("grid").relative_to(root))
         evaluations.append((label, ipc, done[next(s for s in stages if s.kind == "evaluate").folder]))

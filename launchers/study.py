@@ -28,7 +28,8 @@ def main(argv: list[str]) -> int:
     try:
         summary = run_study(cfg, info, cost_fn=lambda cost_cfg, folder: measure_cost(cost_cfg, info.device))
         if info.is_main:
-            print(f"wrote {cfg.results_dir}/report.md; verdicts: {summary['verdicts']}; "
+            primary = {k: v["verdict"] for k, v in summary["primary"]["pairs"].items()} or "no verdict yet"
+            print(f"wrote {summary['results_dir']}/report.md; primary: {primary}; secondary: {summary['verdicts']}; "
                   f"missing cells: {len(summary['missing'])}")
     finally:
         teardown()

@@ -28,6 +28,11 @@ class DatasetSpec:
     channels: int = 3
     """image channels the data and the model use: 3 (RGB) or 1 (grayscale, read and trained as one channel)"""
 
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the model's input: one channel per normalization mean."""
+        return len(self.mean), self.image_size, self.image_size
+
 
 DATASETS = {
     # scikit-learn's 1,797 8x8 handwritten digits, upscaled (guard-fast data prepare-digits). Mean/std measured on

@@ -21,7 +21,8 @@ SQUEEZE = Section(
     "squeeze", SqueezeConfig, "teacher training; squeeze.objective.name is set per method (teacher=...), squeeze.model "
     "is also the teacher of recover and relabel",
     lambda sq, cfg: (f"- squeeze: {sq.model.arch} width {sq.model.width}, {sq.optim.name} lr {sq.optim.lr}, "
-                     f"{sq.optim.epochs} epochs, batch {cfg.data.batch_size}/rank; GUARD h {sq.objective.h}, beta "
+                     f"{sq.optim.epochs} epochs, batch {cfg.data.batch_size}/rank; GUARD h {sq.objective.h}"
+                     f"{' scaled to the input resolution' if sq.objective.h_scaling == 'resolution' else ''}, beta "
                      f"{sq.objective.beta}, strategy {sq.objective.strategy}"))
 RECOVER = Section(
     "recover", RecoverConfig, "synthesis (recover.ipc is set per IPC; the teacher comes from squeeze; cda sets the "

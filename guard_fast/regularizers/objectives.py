@@ -24,7 +24,9 @@ adversarial-training attacks live in [0,1] pixel space.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -38,6 +40,8 @@ from guard_fast.runtime.errors import ConfigError
 
 Stats = dict[str, torch.Tensor]
 STRATEGIES = ("reference", "batched", "reuse")
+H_SCALINGS = ("none", "resolution")
+REFERENCE_INPUT = (3, 224, 224)  # the paper's h = 3 is an L2 length on normalized ImageNet inputs of this shape
 BN_STATS = ("updated", "snapshot")
 LAM_CONVENTIONS = ("reference", "per-sample")
 
@@ -55,7 +59,10 @@ class ObjectiveConfig:
     updated (as left by this step's train forward; the authors' semantics) or snapshot (from before the step)"""
     h: Positive = 3.0
     """finite-difference step: L2 length of z in normalized-input space (reference 3.0, ~0.68 in [0,1] pixel units
-    at 224 px)"""
+    at 224 px); with h_scaling = resolution, the length at 3x224x224, rescaled to the dataset's input shape"""
+    h_scaling: str = "none"
+    """none: h is used as given; resolution: the step is h * sqrt(C*H*W / 150528), the same per-element RMS step as
+    h on 3x224x224 inputs (h = 3 -> 0.217 at 1x28x28, 0.391 at 3x32x32); see scaled_h"""
     beta: NonNegative = 1e-4
     """guard: coefficient of |ce(u+z) - ce(u)| (what the reference ImageNet-scale code applies)"""
     lam: NonNegative = 100.0
@@ -86,11 +93,28 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.strategy = {self.strategy!r}: valid values are {', '.join(STRATEGIES)}")
         if self.bn_stats not in BN_STATS:
             raise ConfigError(f"objective.bn_stats = {self.bn_stats!r}: valid values are {', '.join(BN_STATS)}")
+        if self.h_scaling not in H_SCALINGS:
+            raise ConfigError(f"objective.h_scaling = {self.h_scaling!r}: valid values are {', '.join(H_SCALINGS)}")
         if self.lam_convention not in LAM_CONVENTIONS:
             raise ConfigError(f"objective.lam_convention = {self.lam_convention!r}: valid values are "
                               f"{', '.join(LAM_CONVENTIONS)}")
         if self.h <= 0 or self.eps < 0 or self.alpha <= 0 or self.steps < 1:
             raise ConfigError("objective.h, objective.alpha must be > 0, objective.eps >= 0, objective.steps >= 1")
+
+
+def scaled_h(h: float, shape: Sequence[int], reference: Sequence[int] = REFERENCE_INPUT) -> float:
+    """h * sqrt(C*H*W / (C0*H0*W0)): an L2 step of length h on `reference`-shaped inputs has per-element RMS
+    h / sqrt(C0*H0*W0); this returns the L2 length with the same per-element RMS on `shape` (C, H, W)."""
+    return h * math.sqrt(math.prod(shape) / math.prod(reference))
+
+
+def effective_h(cfg: ObjectiveConfig, shape: Sequence[int] | None) -> float:
+    """The step the objective uses: cfg.h, or scaled_h(cfg.h, shape) under h_scaling = resolution."""
+    if cfg.h_scaling == "none":
+        return cfg.h
+    if shape is None:
+        raise ConfigError("objective.h_scaling = resolution needs the input shape (C, H, W)")
+    return scaled_h(cfg.h, shape)
 
 
 def direction(g: torch.Tensor, h: float) -> torch.Tensor:
@@ -361,6 +385,8 @@ class Objective:
         return self.fn(model, x, y, self.cfg)
 
 
-def build_objective(cfg: ObjectiveConfig, ranks: int | None = None) -> Objective:
+def build_objective(cfg: ObjectiveConfig, input_shape: Sequence[int] | None = None,
+                    ranks: int | None = None) -> Objective:
+    """The configured objective; `input_shape` (C, H, W) resolves h_scaling = resolution into the step used."""
     cfg.validate()
-    return Objective(cfg, ranks)
+    return Objective(dataclasses.replace(cfg, h=effective_h(cfg, input_shape), h_scaling="none"), ranks)

@@ -67,7 +67,7 @@ def run_squeeze(cfg: SqueezeConfig, info: DistInfo) -> dict[str, Any]:
                                  f"{cfg.optim.grad_accum}")
         torch.manual_seed(seed)  # identical initialization on every rank
         model = prepare_model(model_from_config(cfg.model, train.spec).to(info.device), cfg.model)
-        objective = build_objective(cfg.objective)
+        objective = build_objective(cfg.objective, train.spec.input_shape)
     trainer = build_trainer(model, cfg.optim, cfg.dist, cfg.output, micro_batch=cfg.data.batch_size,
                             steps_per_epoch=len(train), run=run, info=info, resume=cfg.resume,
                             stop_after=cfg.stop_after, desc="squeeze",
@@ -92,5 +92,5 @@ def run_squeeze(cfg: SqueezeConfig, info: DistInfo) -> dict[str, Any]:
         run.log({"step": trainer.step, "skipped_images": skipped})
         if info.is_main:
             print(f"skipped unreadable images: {skipped['train']} train, {skipped['val']} val (data.skip_corrupt)")
-    return trainer.finish("teacher.pt", {"objective": cfg.objective.name, "steps": trainer.step, "val": metrics,
-                                         "skipped_images": skipped})
+    return trainer.finish("teacher.pt", {"objective": cfg.objective.name, "h": objective.cfg.h, "steps": trainer.step,
+                                         "val": metrics, "skipped_images": skipped})

@@ -92,6 +92,67 @@ class CostConfig:
 
 
 @dataclass
+class PlanConfig:
+    """The pre-registered analysis, written into the config before the main run: the runner refuses the main run
+    while it is incomplete, and results.json / report.md carry its hash (a later edit shows as a changed hash)."""
+
+    table: str = "table12"
+    """table holding the primary arms (table12, table3 or table5)"""
+    pairs: list[str] = field(default_factory=list)
+    """the primary family: 'TREATMENT vs BASELINE' row labels of that table (Holm over these)"""
+    ipc: int = 10
+    """images per class of the primary cells"""
+    attack: str = "pgd100"
+    """primary endpoint: the students' accuracy under this attack (a name of pipeline.evaluate.attack.names)"""
+    eps: float = 0.0
+    """L-inf radius of the primary endpoint, [0,1] pixel units; one of pipeline.evaluate.attack.eps (0 = not
+    registered yet)"""
+    seeds: int = 0
+    """n: paired seeds of the main run (len(seeds) must equal it; 0 = not registered yet)"""
+    stopping_rule: str = ""
+    """in words, fixed in advance: when the study stops (e.g. 'all n seeds, no interim looks')"""
+    clean_margin: float = 0.02
+    """non-inferiority margin of clean accuracy, accuracy fraction (0.02 = 2 points)"""
+    mdd: float = 0.02
+    """target minimum detectable difference at `power`, accuracy fraction; also the TOST equivalence margin"""
+    alpha: float = 0.05
+    """family-wise level (Holm) of the primary tests; level of the one-sided tests"""
+    power: float = 0.8
+    """power at which the MDD is computed"""
+    pilot_seeds: int = 3
+    """seeds of the pilot (--pilot), which estimates the paired SD and needs no plan"""
+    direction: int = 1
+    """claimed sign of TREATMENT - BASELINE on the primary endpoint (+1: treatment more robust)"""
+
+    def missing(self) -> list[str]:
+        """The fields the main run needs that are still unset."""
+        return [k for k, empty in (("pairs", not self.pairs), ("eps", self.eps <= 0), ("seeds", self.seeds < 2),
+                                   ("stopping_rule", not self.stopping_rule.strip())) if empty]
+
+
+@dataclass
+class GatesConfig:
+    """Each stage's gate: a stage below its gate stops the study with one line (gate, measured, threshold). A
+    threshold of 0 (or kd_row empty) turns that gate off."""
+
+    teacher_min: float = 0.0
+    """plain (objective none) teacher's accuracy on the test split >= this, fraction (issue 30: 0.88)"""
+    guard_teacher_max_drop: float = 0.0
+    """GUARD teacher's test accuracy >= the same seed's plain teacher's minus this, fraction (0.02 = 2 points)"""
+    recovered_min: float = 0.0
+    """each teacher classifies >= this fraction of its own recovered images (issue 30: 0.90)"""
+    kd_row: str = ""
+    """label of the row whose student is the KD recipe check (a relabelled real subset); empty = gate off"""
+    kd_min: float = 0.0
+    """that row's clean accuracy >= this, fraction (the best recipe's accuracy minus a few points)"""
+
+    def validate(self) -> None:
+        for k in ("teacher_min", "guard_teacher_max_drop", "recovered_min", "kd_min"):
+            if not 0.0 <= getattr(self, k) <= 1.0:
+                raise ConfigError(f"gates.{k} = {getattr(self, k)}: a fraction in [0, 1]")
+
+
+@dataclass
 class StudyConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     """base settings of every run (data, squeeze, recover, train, evaluate); methods, ipc, dist.seed, output.dir are
@@ -126,6 +187,15 @@ class StudyConfig:
     """Table 4: time/iter and peak memory of GUARD vs adversarial training (bench/step.py, side by side)"""
     figures: list[str] = field(default_factory=list)
     """extra figures from guard_fast.study.figures.FIGURES (Fig. 2, curvature, registers there when its stage lands)"""
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    """the pre-registration (primary endpoint, eps, n, stopping rule, margins, MDD target)"""
+    gates: GatesConfig = field(default_factory=GatesConfig)
+    """per-stage gates, measured and printed in the report"""
+    pilot: bool = False
+    """run the pilot: the first plan.pilot_seeds seeds, no plan needed; its report estimates the paired SD"""
+    workers: int = 2
+    """pipeline calls (one per seed and row settings) run at once in worker processes of one thread each; 1 = in
+    this process, one after another (forced under torchrun, where every stage distributes itself)"""
 
     def validate(self) -> None:
         if len(self.seeds) < 1 or len(set(self.seeds)) != len(self.seeds):
@@ -140,6 +210,43 @@ class StudyConfig:
         unknown = sorted(set(self.figures) - set(FIGURES))
         if unknown:
             raise ConfigError(f"figures = {unknown}: registered figures are {sorted(FIGURES) or 'none yet'}")
+        if self.workers < 1:
+            raise ConfigError(f"workers = {self.workers}: give 1 (sequential) or more")
+        self.gates.validate()
+        self.validate_plan()
+
+    def validate_plan(self) -> None:
+        """Whatever part of the plan is set must name real arms, attack, eps and IPC."""
+        p = self.plan
+        tables = self.tables()
+        if p.table not in tables:
+            raise ConfigError(f"plan.table = {p.table!r}: one of {', '.join(tables)}")
+        t = tables[p.table]
+        for pair in p.pairs:
+            if pair not in t.pairs:
+                raise ConfigError(f"plan.pairs: {pair!r} is not a pair of {p.table} ({t.pairs})")
+        if p.pairs and p.ipc not in t.ipc:
+            raise ConfigError(f"plan.ipc = {p.ipc}: {p.table} runs ipc {t.ipc}")
+        if p.attack not in self.pipeline.evaluate.attack.names:
+            raise ConfigError(f"plan.attack = {p.attack!r}: not among pipeline.evaluate.attack.names "
+                              f"{self.pipeline.evaluate.attack.names}")
+        if p.eps > 0 and not any(abs(p.eps - e) < 1e-9 for e in self.pipeline.evaluate.attack.eps):
+            raise ConfigError(f"plan.eps = {p.eps}: not among pipeline.evaluate.attack.eps")
+        if p.direction not in (-1, 1):
+            raise ConfigError(f"plan.direction = {p.direction}: +1 or -1")
+        if not (0 < p.alpha < 0.5 and 0 < p.power < 1 and p.mdd > 0 and p.clean_margin >= 0 and p.pilot_seeds >= 2):
+            raise ConfigError("plan: need 0 < alpha < 0.5, 0 < power < 1, mdd > 0, clean_margin >= 0, "
+                              "pilot_seeds >= 2")
+
+    def require_plan(self) -> None:
+        """The main run's precondition: a complete plan whose n is the number of seeds."""
+        missing = self.plan.missing()
+        if missing:
+            raise ConfigError(f"the main run needs the pre-registered plan: set plan.{', plan.'.join(missing)} "
+                              "(or run the pilot with --pilot)")
+        if self.plan.seeds != len(self.seeds):
+            raise ConfigError(f"plan.seeds = {self.plan.seeds} but seeds lists {len(self.seeds)}: the main run uses "
+                              "exactly the pre-registered n")
 
     def tables(self) -> dict[str, TableConfig]:
         return {"table12": self.table12, "table3": self.table3, "table5": self.table5}

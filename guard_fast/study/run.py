@@ -9,7 +9,14 @@ Layout under `runs_dir`:
 The report reads every finished evaluate stage of the plan from these folders, so it can be rewritten at any time.
 
 Every pipeline call goes through `run_pipeline` and its `StageRunner`, so a rerun skips finished stages and a killed
-run resumes inside the interrupted stage. Only rank 0 writes the selection ledger and the report.
+run resumes inside the interrupted stage. Independent calls (seeds x row settings, selection candidates) run in
+`workers` worker processes (guard_fast/study/workers.py). Only rank 0 writes the selection ledger and the report.
+
+Pre-registration: the main run refuses to start without a complete `[plan]`; its first start writes
+`runs_dir/plan.json` (the plan and its hash), and every report prints the registered and the current hash, so an
+edit of the plan after the main run began is visible. `--pilot` runs the first plan.pilot_seeds seeds without a plan
+(into results_dir/pilot); the main run reuses those cached stages. After every finished call the gates
+(guard_fast/study/gates.py) are measured; one below its threshold stops the study with one line.
 """
 
 from __future__ import annotations
@@ -25,19 +32,43 @@ import numpy as np
 
 from guard_fast.data.digits import prepare_digits, stratified_split
 from guard_fast.methods import resolve
-from guard_fast.pipeline import PipelineConfig, key_dict, run_pipeline
+from guard_fast.pipeline import PipelineConfig, key_dict
 from guard_fast.robustness.report import evaluation_rows
 from guard_fast.runtime import distributed as D
-from guard_fast.runtime.config import apply_overrides, from_dict
+from guard_fast.runtime.config import apply_overrides, from_dict, to_dict
 from guard_fast.runtime.distributed import DistInfo
 from guard_fast.runtime.errors import ConfigError
 from guard_fast.runtime.io import atomic_json
 from guard_fast.runtime.stagecache import STAGE_FILE, StageRunner
+from guard_fast.study import gates as G
 from guard_fast.study.config import KNOBS, StudyConfig, candidates
 from guard_fast.study.plan import Plan, plan_study, settings_slug
 from guard_fast.study.report import write_study_report
+from guard_fast.study.workers import GateContext, Job, run_jobs
 
 LEDGER = "cells.json"
+REGISTERED = "plan.json"
+
+
+def plan_hash(cfg: StudyConfig) -> str:
+    """sha256 (16 hex) of the plan section, canonical JSON: what the pre-registration commits to."""
+    return hashlib.sha256(json.dumps(to_dict(cfg.plan), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def plan_record(cfg: StudyConfig, register: bool) -> dict[str, Any]:
+    """{'sha256': current hash, 'registered': hash written when the main run first started (None before),
+    'changed': whether they differ}; with `register`, writes runs_dir/plan.json if absent (never overwrites)."""
+    path = Path(cfg.runs_dir) / REGISTERED
+    now = plan_hash(cfg)
+    if register and not path.is_file():
+        atomic_json(path, {"sha256": now, "plan": to_dict(cfg.plan), "seeds": cfg.seeds})
+    try:
+        registered = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        registered = None
+    reg = registered["sha256"] if registered else None
+    return {"sha256": now, "registered": reg, "registered_plan": registered["plan"] if registered else None,
+            "changed": reg is not None and reg != now}
 
 
 def pipeline_config(cfg: StudyConfig, overrides: tuple[str, ...] | list[str], out: Path, seed: int,
@@ -94,44 +125,74 @@ def read_ledger(cfg: StudyConfig) -> dict[str, Any]:
 
 
 def run_selection(cfg: StudyConfig, info: DistInfo, data: Path, ledger: dict[str, Any]) -> dict[str, Any]:
-    """Train and score every candidate of every knob on the selection split; the best score wins (ties: the higher
-    clean accuracy, then the first in grid order). Returns {knob: {'best': overrides, 'method', 'candidates':
-    [{'overrides', 'score', ...}]}}."""
+    """Train and score every candidate of every knob on the selection split (candidates run as parallel jobs); the
+    best score wins (ties: the higher clean accuracy, then the first in grid order). Returns {knob: {'best':
+    overrides, 'method', 'candidates': [{'overrides', 'score', ...}]}}."""
     sel = cfg.selection
+    jobs = []
     for knob, method in KNOBS.items():
-        grid = candidates(sel, knob)
-        if not grid:
-            continue
-        scored = []
-        for cand in grid:
+        for cand in candidates(sel, knob):
             out = Path(cfg.runs_dir) / "selection" / knob / settings_slug(cand)
             pc = pipeline_config(cfg, cand, out, sel.seed, [method], [sel.ipc])
             pc.data.path = str(data)
             pc.evaluate.num_images = 0
             pc.evaluate.attack.names, pc.evaluate.attack.eps = [sel.attack], [sel.eps]
-            summary = run_pipeline(pc, info)
-            if info.is_main:
-                row = next(r for r in summary["rows"] if r["eps"] == sel.eps)
-                scored.append({"overrides": list(cand), "score": row[sel.attack], "clean": row["clean"],
+            jobs.append(Job(f"selection/{knob}/{settings_slug(cand)}", pc, extra={"knob": knob, "cand": cand}))
+    run_jobs(jobs, info, cfg.workers, lambda job: None)
+    if info.is_main:
+        for knob, method in KNOBS.items():
+            scored = []
+            for job in (j for j in jobs if j.extra["knob"] == knob):
+                out = Path(job.config.output.dir)
+                rows = json.loads((out / "results.json").read_text())["rows"]
+                row = next(r for r in rows if r["eps"] == sel.eps)
+                scored.append({"overrides": list(job.extra["cand"]), "score": row[sel.attack], "clean": row["clean"],
                                "folder": str(out.relative_to(cfg.runs_dir))})
-        if info.is_main:
+            if not scored:
+                continue
             best = max(scored, key=lambda s: (s["score"], s["clean"]))  # max() keeps the first of equal pairs
             ledger["selection"][knob] = {"method": method, "attack": sel.attack, "eps": sel.eps, "ipc": sel.ipc,
                                          "best": best["overrides"], "candidates": scored}
-            atomic_json(Path(cfg.runs_dir) / LEDGER, ledger)
+        atomic_json(Path(cfg.runs_dir) / LEDGER, ledger)
     return D.broadcast_object(ledger["selection"])
 
 
-def run_cells(cfg: StudyConfig, info: DistInfo, plan: Plan, after_call: Callable[[], None]) -> None:
-    """Every call of the plan for every seed (call-major, so finished cells have all their seeds); after each call,
-    `after_call` rewrites the report from what is on disk."""
-    for call in plan.calls:
+def plan_roots(cfg: StudyConfig, plan: Plan) -> list[tuple[int, Path]]:
+    """(seed, pipeline folder) of every call of the plan."""
+    return [(seed, Path(cfg.runs_dir) / f"seed{seed}" / call.slug) for call in plan.calls for seed in cfg.seeds]
+
+
+def measure_gates(cfg: StudyConfig, plan: Plan, cells: dict[str, dict[int, list[dict]]]) -> list[dict[str, Any]]:
+    """Every declared gate over the finished stages of the plan (teachers, recovered sets, the KD recipe row)."""
+    out = G.measure_roots(cfg.gates, plan_roots(cfg, plan), Path(cfg.runs_dir))
+    kd: dict[int, float] = {}
+    for (_table, label, _ipc), cid in plan.cells.items():
+        if label == cfg.gates.kd_row:
+            for seed, rows in cells.get(cid, {}).items():
+                kd.setdefault(seed, rows[0]["clean"])
+    return out + G.measure_kd(cfg.gates, kd)
+
+
+def run_cells(cfg: StudyConfig, info: DistInfo, plan: Plan, after_job: Callable[[], str | None]) -> None:
+    """Every call of the plan for every seed as jobs (call-major, so finished cells have all their seeds first; the
+    base call first); after each job, `after_job` (rank 0) rewrites the report from what is on disk and returns the
+    failed gate's line (None when every gate holds); a failure stops every rank."""
+    roots = plan_roots(cfg, plan)
+    jobs = []
+    # the base call first: it holds the plain teacher, so the teacher gates stop the study before any row is made
+    for call in sorted(plan.calls, key=lambda c: c.slug != "base"):
         for seed in cfg.seeds:
             out = Path(cfg.runs_dir) / f"seed{seed}" / call.slug
-            run_pipeline(pipeline_config(cfg, call.settings, out, seed, call.methods, call.ipc), info)
-        if info.is_main:
-            after_call()
-        D.barrier()
+            gate = GateContext(cfg.gates, [r for r in roots if r[0] == seed], Path(cfg.runs_dir))
+            jobs.append(Job(f"seed{seed}/{call.slug}",
+                            pipeline_config(cfg, call.settings, out, seed, call.methods, call.ipc), gate))
+
+    def done(job: Job) -> None:
+        line = D.broadcast_object(after_job() if info.is_main else None)
+        if line:
+            raise G.GateError(line)
+
+    run_jobs(jobs, info, cfg.workers, done)
 
 
 def cell_results(cfg: StudyConfig, plan: Plan) -> dict[str, dict[int, list[dict]]]:
@@ -182,10 +243,28 @@ def run_cost(cfg: StudyConfig, info: DistInfo, cost_fn: Callable[[Any, Path], di
     return json.loads(rec.path("cost").read_text())
 
 
+def pilot_config(cfg: StudyConfig) -> StudyConfig:
+    """The pilot: the first plan.pilot_seeds seeds, its report in results_dir/pilot (its stages are the main run's)."""
+    pilot = copy.deepcopy(cfg)
+    pilot.seeds = cfg.seeds[: cfg.plan.pilot_seeds]
+    pilot.results_dir = str(Path(cfg.results_dir) / "pilot")
+    pilot.readme = ""
+    return pilot
+
+
 def run_study(cfg: StudyConfig, info: DistInfo, cost_fn: Callable[[Any, Path], dict[str, Any]] | None = None
               ) -> dict[str, Any]:
-    """Selection, every cell for every seed, Table 4, then report.md/results.json/charts (and the README block).
+    """Selection, every cell for every seed (gates checked as stages finish), Table 4, then report.md /
+    results.json / charts (and the README block). The main run needs the pre-registered plan; --pilot does not.
     With report_only, nothing runs: the report covers the finished stages and lists what is missing."""
+    if cfg.pilot:
+        cfg = pilot_config(cfg)
+    elif not cfg.report_only:
+        cfg.require_plan()
+    registration = plan_record(cfg, register=info.is_main and not (cfg.pilot or cfg.report_only))
+    if registration["changed"] and info.is_main:
+        print(f"warning: plan changed since the main run started (registered {registration['registered']}, now "
+              f"{registration['sha256']}); the report says so")
     ledger = read_ledger(cfg)
     if not cfg.report_only:
         data = prepare_selection_data(cfg, info)
@@ -199,11 +278,12 @@ def run_study(cfg: StudyConfig, info: DistInfo, cost_fn: Callable[[Any, Path], d
     def report(cost: dict[str, Any] | None = None) -> dict[str, Any]:
         if cost is None and cost_path.is_file() and (Path(cfg.runs_dir) / "cost" / "stage.json").is_file():
             cost = json.loads(cost_path.read_text())
-        return write_study_report(cfg, plan, cell_results(cfg, plan), selected, cost)
+        cells = cell_results(cfg, plan)
+        return write_study_report(cfg, plan, cells, selected, cost, measure_gates(cfg, plan, cells), registration)
 
     if cfg.report_only:
         return report() if info.is_main else {}
-    run_cells(cfg, info, plan, report)
+    run_cells(cfg, info, plan, lambda: G.failure_line(report()["gates"]))
     cost = run_cost(cfg, info, cost_fn)
     summary = report(cost) if info.is_main else {}
     D.barrier()

@@ -35,7 +35,9 @@ def tiny_study(data: Path, runs: Path, results: Path, readme: Path) -> list[str]
             "\"sre2l:teacher=grad-norm:label=GN | --squeeze.objective.grad_norm_beta=0.1\"]",
             "--table3.ipc=[1]", "--table3.pairs=[\"GUARD vs GN\"]",
             "--selection.ipc=1", "--selection.val_fraction=0.25", "--selection.eps=1/255",
-            "--selection.guard=[\"squeeze.objective.beta=0.01,0.1\"]"]
+            "--selection.guard=[\"squeeze.objective.beta=0.01,0.1\"]",
+            "--plan.pairs=[\"GUARD vs SRe2L\"]", "--plan.ipc=1", "--plan.eps=8/255", f"--plan.seeds={len(SEEDS)}",
+            "--plan.stopping_rule=all seeds, no interim look"]
 
 
 @pytest.fixture(scope="module")
@@ -151,24 +153,31 @@ def test_rerun_is_all_cached_and_report_only_runs_nothing(finished):
 
 @pytest.mark.subprocess
 def test_killed_study_resumes_and_skips_finished_cells(study_data, finished, tmp_path):
+    """Killed while its 2 workers run cell stages: the workers exit with it (no stage finishes afterwards), and the
+    rerun skips every stage finished before the kill and ends with the uninterrupted study's numbers."""
     args, _, res_full = finished
     runs, res = tmp_path / "runs", tmp_path / "res"
     args = tiny_study(study_data, runs, res, make_readme(tmp_path / "README.md", "res"))
     proc = study(args, wait=False)
-    marker = runs / "seed1"  # selection and seed 0 of the first cell group are finished by then
+
+    def finished_stages() -> dict[str, str]:
+        return {p.parent.relative_to(runs).as_posix(): json.loads(p.read_text())["completion_id"]
+                for p in runs.rglob("stage.json")}
+
     deadline = time.time() + 600
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    while not any(p.startswith("seed") for p in finished_stages()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
     assert proc.poll() is None, "the study finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = {p.parent.relative_to(runs).as_posix(): json.loads(p.read_text())["completion_id"]
-            for p in runs.rglob("stage.json")}
-    assert any(p.startswith("seed0/") for p in done) and any(p.startswith("selection/") for p in done)
+    time.sleep(1.5)  # orphaned workers notice within 0.5 s
+    done = finished_stages()
+    time.sleep(3)
+    assert finished_stages() == done  # no worker outlived the study
+    assert any(p.startswith("seed") for p in done) and any(p.startswith("selection/") for p in done)
     r = study(args)
     assert ": running" in r.stdout or ": resuming" in r.stdout  # the rest of the study did run
-    after = {p.parent.relative_to(runs).as_posix(): json.loads(p.read_text())["completion_id"]
-             for p in runs.rglob("stage.json")}
+    after = finished_stages()
     assert {p: after[p] for p in done} == done  # every stage finished before the kill was skipped, not rerun
     assert len(after) > len(done)
     assert results(res)["cells"] == results(res_full)["cells"]  # deterministic stages: same numbers
