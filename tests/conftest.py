@@ -19,6 +19,10 @@ import torch
 from guard_fast.runtime.config import DataConfig, load_config
 from guard_fast.runtime.distributed import DistInfo
 
+# torch.compile's inductor otherwise compiles in a pool of worker processes: in-process keeps the fast lane free of
+# subprocesses (its guard below refuses them) and a 2-core machine free of a pool per test process.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 ONE = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
