@@ -6,8 +6,8 @@ Trains both teachers in this process with the squeeze objectives of guard_fast.r
 demo's beta 0.003, h 3, reuse order; `none`: plain CE), identical seed, data order and budget (SGD, plain torch loop:
 no DeepSpeed engine, so it runs where the engine cannot start), then measures both with `run_curvature`
 (guard_fast/robustness/curvature.py) on a seeded val subset and writes curvature.{json,md,png} to --out.
-The student comparison (GUARD vs SRe2L students) is the pipeline's: `guard-fast pipeline --config configs/digits/demo.toml
---curvature.enabled=true`.
+The student comparison (GUARD vs SRe2L students) is the pipeline's:
+`guard-fast pipeline --config configs/digits/demo.toml --curvature.enabled=true`.
 """
 
 from __future__ import annotations

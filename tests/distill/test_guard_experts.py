@@ -124,7 +124,7 @@ def test_plain_objective_trains_as_plain_sgd_on_ce(augment):
                 for p, g in zip(ref.body.parameters(), torch.autograd.grad(ce, list(ref.body.parameters())),
                                 strict=True):
                     p -= 0.05 * g
-            total += float(ce) * len(idx)
+            total += float(ce.detach()) * len(idx)
         want.append(torch.nn.utils.parameters_to_vector(ref.body.parameters()).detach())
         ces.append(total / 12)
     torch.testing.assert_close(traj, torch.stack(want), rtol=1e-5, atol=1e-6)
