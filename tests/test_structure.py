@@ -26,7 +26,7 @@ STAGES = {
 }
 # the library's floors, lowest first: an area imports only its own floor and the ones below
 LAYERS = [{"runtime"}, {"models", "data", "attacks"}, {"regularizers"}, {"squeeze", "distill", "student", "robustness"},
-          {"methods"}, {"pipeline"}, {"study"}]
+          {"methods"}, {"pipeline"}, {"study", "reproduce"}]
 
 
 def module_name(path: Path) -> str:

@@ -59,7 +59,7 @@ def test_fraction_and_list_values():
     ("--data.backend=dali", "data.backend = 'dali': valid values are 'torch', 'ffcv'"),
     ("--model.arch=vgg", "model.arch = 'vgg': valid values are"),
     ("--dist.zero_stage=3", "dist.zero_stage = 3"),
-    ("--data.mean=0.5,0.5", "data.mean and data.std take 3 values"),
+    ("--data.mean=0.5,0.5", "data.mean and data.std take one value per channel"),
 ])
 def test_rejection_names_the_key(override, message):
     with pytest.raises(ConfigError, match=None) as e:

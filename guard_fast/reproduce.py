@@ -22,8 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from guard_fast.data.synthetic import write_synthetic
+from guard_fast.distill.dc import run_dc
+from guard_fast.methods.base import stage_config
+from guard_fast.pipeline import PipelineConfig
+from guard_fast.runtime.config import load_config
+from guard_fast.runtime.distributed import DistInfo
 from guard_fast.runtime.errors import GuardFastError
 from guard_fast.runtime.io import atomic_json, atomic_text
+from guard_fast.student.hard import run_train_hard
 
 # Fashion-MNIST, ConvNet, % test accuracy: DC repo README Tables 1-2 and the DC / DSA papers (issue 25).
 PUBLISHED = {("random-real", 1): 51.4, ("random-real", 10): 73.8, ("random-real", 50): 82.5,
@@ -59,8 +66,6 @@ def parse_cells(text: str) -> list[Cell]:
 def random_real_set(data: Path, ipc: int, draw: int, folder: Path) -> Path:
     """IPC real train images per class, chosen with seed `draw`, written as a synthetic set (grayscale PNGs; the
     students train on these exact 8-bit images)."""
-    from guard_fast.data.synthetic import write_synthetic
-
     if (folder / "manifest.json").is_file():
         return folder
     train = torch.load(data / "tensors.pt", weights_only=True)["train"]
@@ -78,8 +83,6 @@ def random_real_set(data: Path, ipc: int, draw: int, folder: Path) -> Path:
 
 def stage_cfg(pipeline: Any, section: str, folder: Path, seed: int) -> Any:
     """The preset's section as a stage config writing to `folder`, one process, no loader workers, seed `seed`."""
-    from guard_fast.methods.base import stage_config
-
     cfg = stage_config(pipeline, section, folder)
     cfg.data.workers, cfg.dist.seed, cfg.dist.cpu_threads = 0, seed, 1
     cfg.output.progress, cfg.output.ckpt_every = False, 50
@@ -92,19 +95,12 @@ def unit_path(root: Path, cell: Cell, draw: int, model: int) -> Path:
 
 
 def one_cpu() -> Any:
-    from guard_fast.runtime.distributed import DistInfo
-
     return DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
 
 
 def run_unit(preset: str, overrides: list[str], root: str, cell: Cell, draw: int, model: int) -> dict:
     """Train and test one student (for dc, distilling its set first unless cached); writes the unit's JSON.
     CPU seconds are this process's (one thread, no loader workers), distillation counted once, in model 0's unit."""
-    from guard_fast.distill.dc import run_dc
-    from guard_fast.pipeline import PipelineConfig
-    from guard_fast.runtime.config import load_config
-    from guard_fast.student.hard import run_train_hard
-
     torch.set_num_threads(1)
     start_cpu, start_wall = time.process_time(), time.time()
     pipeline = load_config(PipelineConfig, preset, overrides)
@@ -148,9 +144,6 @@ def run_cells(preset: str, overrides: list[str], root: Path, cells: list[Cell], 
         raise GuardFastError(f"--procs {procs}: 1 or 2 (two one-thread processes are the fastest here)")
     todo = [(c, d, m) for c in cells for d in range(draws) for m in range(models)
             if not unit_path(root, c, d, m).is_file()]
-    from guard_fast.pipeline import PipelineConfig
-    from guard_fast.runtime.config import load_config
-
     data = Path(load_config(PipelineConfig, preset, overrides).data.path)
     if not (data / "tensors.pt").is_file():
         raise GuardFastError(f"{data}/tensors.pt not found (run: guard-fast data prepare-fashion-mnist --out {data})")
