@@ -192,7 +192,12 @@ def run_cells(cfg: StudyConfig, info: DistInfo, plan: Plan, after_job: Callable[
         if line:
             raise G.GateError(line)
 
-    run_jobs(jobs, info, cfg.workers, done)
+    try:
+        run_jobs(jobs, info, cfg.workers, done)
+    except G.GateError:
+        if info.is_main:
+            after_job()  # a gate failed inside a job: the report still shows it
+        raise
 
 
 def cell_results(cfg: StudyConfig, plan: Plan) -> dict[str, dict[int, list[dict]]]:
