@@ -27,6 +27,7 @@ COMMANDS = {
     "pipeline": "launchers.pipeline",
     "bench": "launchers.bench",
     "study": "launchers.study",
+    "torchrun": "launchers.torchrun",
 }
 
 
