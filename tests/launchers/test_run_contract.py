@@ -20,7 +20,7 @@ from guard_fast.runtime.config import Radius, check_bounds, load_config
 from guard_fast.runtime.errors import ConfigError, GuardFastError
 from launchers.cli import COMMANDS
 from launchers.cli import run as cli_run
-from tests.chain import recover, recover_args
+from tests.chain import recover
 from tests.conftest import ONE
 
 NOT_STAGES = {"data": "writes datasets, not runs (prepare-digits has its own rule: test_prepare_digits_*)",
