@@ -22,12 +22,12 @@ from guard_fast.robustness.curvature import PipelineCurvatureConfig, combine, ru
 from guard_fast.robustness.evaluate import EvaluateConfig, run_evaluate
 from guard_fast.robustness.report import bar_chart, evaluation_rows, metrics_table, results_table
 from guard_fast.runtime import distributed as D
+from guard_fast.runtime import runfolder
+from guard_fast.runtime.cluster import open_run
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig, to_dict
 from guard_fast.runtime.distributed import DistInfo
 from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.io import atomic_json, atomic_text
-from guard_fast.runtime.cluster import open_run
-from guard_fast.runtime import runfolder
 from guard_fast.runtime.stagecache import StageRecord, StageRunner
 
 UNKEYED = ("output", "stop_after", "resume", "allow_config_change")  # fields that do not change a stage's result

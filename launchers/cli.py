@@ -29,6 +29,7 @@ COMMANDS = {
     "bench": "launchers.bench",
     "study": "launchers.study",
     "reproduce": "launchers.reproduce",
+    "torchrun": "launchers.torchrun",
 }
 
 

@@ -66,13 +66,13 @@ from guard_fast.data.presets import resolve_dataset
 from guard_fast.data.synthetic import class_names, save_grid, to_uint8, write_synthetic
 from guard_fast.models import Classifier, ModelConfig, model_from_config
 from guard_fast.runtime import distributed as D
+from guard_fast.runtime.checkpoint import safe_load
 from guard_fast.runtime.cluster import open_run
-from guard_fast.runtime.runfolder import stage
 from guard_fast.runtime.config import DataConfig, DistConfig, NonNegative, OutputConfig, Positive, Radius
 from guard_fast.runtime.distributed import DistInfo
-from guard_fast.runtime.checkpoint import safe_load
 from guard_fast.runtime.errors import ConfigError, GuardFastError, reading
 from guard_fast.runtime.io import atomic_json, atomic_torch_save
+from guard_fast.runtime.runfolder import stage
 
 LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}  # DC's get_loops
 INITS = ("real", "noise")

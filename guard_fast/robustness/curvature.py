@@ -45,12 +45,12 @@ from guard_fast.models import ModelConfig, model_from_config
 from guard_fast.robustness.report import default_labels
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.cluster import open_run
-from guard_fast.runtime.runfolder import stage
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig, Positive
 from guard_fast.runtime.distributed import DistInfo
 from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.io import atomic_json, atomic_text, atomic_write
 from guard_fast.runtime.rundir import environment
+from guard_fast.runtime.runfolder import stage
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 # per-image metrics summarized in curvature.md: key -> (title, unit)

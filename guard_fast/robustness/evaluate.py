@@ -23,12 +23,12 @@ from guard_fast.models import Classifier, ModelConfig, model_from_config, prepar
 from guard_fast.robustness.report import bar_chart, default_labels, evaluation_rows, markdown_report, row_metrics
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.cluster import open_run
-from guard_fast.runtime.runfolder import stage
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
 from guard_fast.runtime.distributed import DistInfo, setup_phase
 from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.io import atomic_json, atomic_text
 from guard_fast.runtime.rundir import environment
+from guard_fast.runtime.runfolder import stage
 
 
 @dataclass

@@ -61,10 +61,10 @@ def atomic_torch_save(path: str | Path, obj: Any) -> Path:
     written here, after a check: one NaN/inf value stops the stage with one line naming it and what is kept."""
     if bad := non_finite(obj):
         path = Path(path)
-        kept = (f"the previous {path.name} is kept" if path.exists() else f"{path.name} was not written")
+        kept = f"the previous {path.name} is kept" if path.exists() else f"{path.name} was not written"
         raise GuardFastError(f"{current_stage() or 'guard-fast'}: {path} would hold {bad} non-finite values "
-                             f"(NaN/inf: the run diverged; a learning rate or coefficient too large?); {kept}, and {path.parent} "
-                             "keeps the last good state written before")
+                             "(NaN/inf: the run diverged; a learning rate or coefficient too large?); "
+                             f"{kept}, and {path.parent} keeps the last good state written before")
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from guard_fast.runtime.errors import GuardFastError
+from guard_fast.runtime.errors import ConfigError, GuardFastError
 
 RUN_FILE = "run.json"
 """the run's identity: stage kind, config hash, allowed config changes"""
@@ -224,8 +224,6 @@ def verdict(path: Path, kind: str, config: dict[str, Any] | None, *, resume: boo
 def check_allowed(allow: list[str]) -> None:
     """--allow_config_change names only keys from SAFE_CHANGES."""
     if bad := [k for k in allow if k not in SAFE_CHANGES]:
-        from guard_fast.runtime.errors import ConfigError
-
         raise ConfigError(f"allow_config_change = {bad}: only these keys may change on --resume: "
                           f"{', '.join(SAFE_CHANGES)} (docs/reliability.md)")
 

@@ -13,12 +13,12 @@ from guard_fast.data import build_loader
 from guard_fast.models import ModelConfig, model_from_config, prepare_model
 from guard_fast.regularizers.objectives import DOUBLE_BACKWARD, ObjectiveConfig, build_objective
 from guard_fast.runtime.cluster import open_run
-from guard_fast.runtime.runfolder import stage
 from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig, Radius
 from guard_fast.runtime.distributed import DistInfo, setup_phase
 from guard_fast.runtime.engine import OptimConfig
 from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.loop import build_trainer
+from guard_fast.runtime.runfolder import stage
 
 
 @dataclass

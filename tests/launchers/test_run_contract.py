@@ -25,7 +25,7 @@ from tests.conftest import ONE
 
 NOT_STAGES = {"data": "writes datasets, not runs (prepare-digits has its own rule: test_prepare_digits_*)",
               "bench": "writes a benchmark report of synthetic inputs", "study": "a coordinator: its runs are "
-              "pipeline calls, each under the contract"}
+              "pipeline calls, each under the contract", "torchrun": "starts other commands"}
 """commands that open no run folder, and why"""
 
 MINIMAL = {"recover": ["--model.checkpoint=t.pt"], "relabel": ["--model.checkpoint=t.pt", "--images=x"],
@@ -389,3 +389,23 @@ def test_corrupt_image_in_a_loader_worker_is_one_line(small_digits, tmp_path, ca
     err = capsys.readouterr().err
     ours = [x for x in err.splitlines() if x.startswith("guard-fast")]
     assert len(ours) == 1 and victim.name in ours[0] and "Traceback" not in err, err
+
+
+@pytest.mark.subprocess
+@pytest.mark.multirank
+def test_failing_rank_under_torchrun_ends_with_its_line(tmp_path):
+    """`guard-fast torchrun` (launchers/torchrun.py): the failed rank's line is the last thing printed, without
+    torchrun's ChildFailedError traceback after it."""
+    import subprocess
+
+    from tests.conftest import PYTHON, REPO, subprocess_env
+    from tests.runtime.test_multinode import free_port
+
+    cmd = [PYTHON, "-m", "launchers.torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(REPO / "launchers/squeeze.py"), f"--data.path={tmp_path / 'no-such-data'}",
+           f"--output.dir={tmp_path / 'run'}", "--dist.cpu_threads=1", "--output.progress=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=120)
+    lines = [x for x in (proc.stdout + proc.stderr).splitlines() if x.strip()]
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert lines[-1].startswith("guard-fast torchrun: rank ") and "no-such-data" in lines[-1], lines[-3:]
