@@ -31,6 +31,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--root", default="runs/reproduce-fashion-mnist", help="cache folder (units, sets, students)")
     p.add_argument("--report", default="results/reproduce-fashion-mnist",
                    help="report path without suffix (.json and .md are written)")
+    if not argv:  # the defaults are hours of CPU: name the cells to run
+        p.print_usage(sys.stderr)
+        print(f"{p.prog}: error: no arguments; name the cells, e.g. --cells random-real:1 (docs/reproduction.md)",
+              file=sys.stderr)
+        raise SystemExit(2)
     args, overrides = p.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--")]
     if bad or args.draws < 1 or args.models < 1:

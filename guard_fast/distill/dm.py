@@ -48,11 +48,13 @@ from guard_fast.data.real import load_real
 from guard_fast.data.synthetic import class_names, save_grid, to_uint8, write_synthetic
 from guard_fast.models import Classifier, ModelConfig, model_from_config
 from guard_fast.runtime import distributed as D
+from guard_fast.runtime.checkpoint import safe_load
 from guard_fast.runtime.cluster import open_run
-from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
+from guard_fast.runtime.config import DataConfig, DistConfig, NonNegative, OutputConfig, Positive
 from guard_fast.runtime.distributed import DistInfo
-from guard_fast.runtime.errors import ConfigError, GuardFastError
+from guard_fast.runtime.errors import ConfigError, GuardFastError, reading
 from guard_fast.runtime.io import atomic_json, atomic_torch_save
+from guard_fast.runtime.runfolder import stage
 
 INITS = ("real", "noise")
 SPACES = ("normalized", "pixel")
@@ -77,10 +79,10 @@ class DMConfig:
     """clip the images to the [0,1] pixel range after every step (main_DM.py does not)"""
     iterations: int = 20000
     """image steps, each with a fresh network (main_DM.py: 20000)"""
-    lr_img: float = 1.0
+    lr_img: Positive = 1.0
     """SGD learning rate of the synthetic images, in the units of `space` (main_DM.py: 1.0; README: 1 for CIFAR-10
     IPC 1/10/50, 10 for IPC >= 100)"""
-    momentum_img: float = 0.5
+    momentum_img: NonNegative = 0.5
     """SGD momentum of the synthetic images (main_DM.py: 0.5)"""
     batch_real: int = 256
     """real images per class per iteration (all of the class if it has fewer)"""
@@ -223,6 +225,7 @@ def per_class(cfg: DMConfig, num_classes: int, device: torch.device) -> list[tor
     return out
 
 
+@stage("dm")
 def run_dm(cfg: DMConfig, info: DistInfo) -> dict[str, Any]:
     """Condense the train split into cfg.ipc images per class: output.dir/{images/, manifest.json, pixels.pt,
     grid.png, images.pt (the optimized tensors), state.pt (resume), result.json}."""
@@ -240,14 +243,15 @@ def run_dm(cfg: DMConfig, info: DistInfo) -> dict[str, Any]:
     run.start()  # inputs checked: write the run's record
     state_path, start = run.path / "state.pt", 0
     if state_path.is_file():
-        state = torch.load(state_path, map_location=info.device, weights_only=True)
-        if state["key"] != key:
-            raise GuardFastError(f"{state_path} belongs to another configuration; delete it or use another "
-                                 "output.dir")
-        with torch.no_grad():
-            u.copy_(state["images"])
-        opt.load_state_dict(state["optimizer"])
-        start = state["iteration"]
+        state = safe_load(state_path, map_location=info.device)
+        with reading(state_path, "dm resume state"):
+            if state["key"] != key:
+                raise GuardFastError(f"{state_path} belongs to another configuration; delete it or use another "
+                                     "output.dir")
+            with torch.no_grad():
+                u.copy_(state["images"])
+            opt.load_state_dict(state["optimizer"])
+            start = int(state["iteration"])
     bar = tqdm(total=cfg.iterations, initial=start, desc="dm", disable=not (info.is_main and cfg.output.progress))
     for it in range(start, cfg.iterations):
         if cfg.stop_after and it - start >= cfg.stop_after:

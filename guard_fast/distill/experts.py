@@ -140,8 +140,9 @@ def train_expert(model: Classifier, pixels: torch.Tensor, labels: torch.Tensor, 
             sums += len(idx) * torch.stack([loss, stats["ce"], stats["reg"]])
         loss_mean, ce, reg = (sums / len(labels)).tolist()  # host sync: once per epoch
         if not math.isfinite(loss_mean):
-            raise GuardFastError(f"expert seed {seed}: non-finite loss in epoch {epoch + 1} (objective "
-                                 f"{cfg.objective.name}); lower lr or the objective's coefficient")
+            raise GuardFastError(f"experts: expert seed {seed}: non-finite loss in epoch {epoch + 1} (objective "
+                                 f"{cfg.objective.name}); lower lr or the objective's coefficient; the experts "
+                                 "already written are kept")
         curves["ce"].append(ce)
         curves["reg"].append(reg)
         trajectory.append(flat.flat().cpu())

@@ -25,7 +25,8 @@ from tests.conftest import ONE
 
 NOT_STAGES = {"data": "writes datasets, not runs (prepare-digits has its own rule: test_prepare_digits_*)",
               "bench": "writes a benchmark report of synthetic inputs", "study": "a coordinator: its runs are "
-              "pipeline calls, each under the contract", "torchrun": "starts other commands"}
+              "pipeline calls, each under the contract", "torchrun": "starts other commands",
+              "reproduce": "a coordinator: each (draw, model) unit runs its stages under the contract"}
 """commands that open no run folder, and why"""
 
 MINIMAL = {"recover": ["--model.checkpoint=t.pt"], "relabel": ["--model.checkpoint=t.pt", "--images=x"],
@@ -251,6 +252,16 @@ def test_prepare_digits_refuses_a_folder_with_user_files(tmp_path, capsys):
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize("command", ["reproduce"])
+def test_coordinators_without_arguments_print_usage(command, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # a default run would write runs/ and results/ here
+    with pytest.raises(SystemExit) as ex:
+        main_of(command)([])
+    assert ex.value.code == 2
+    assert "usage: guard-fast" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("command", stage_commands())
 def test_commands_without_arguments_print_usage(command, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # a default run would write runs/default here
@@ -310,7 +321,7 @@ def test_experts_diverging_stop_naming_the_stage(digits_subset, tmp_path):
     cfg = load_config(ExpertsConfig, None, [f"--data.path={digits_subset(4, 1)}", "--data.image_size=16",
                                             "--model.width=4", f"--output.dir={out}", "--output.progress=false",
                                             "--num_experts=1", "--epochs=2", "--batch_size=20", "--lr=1e30"])
-    with pytest.raises(GuardFastError, match=r"^experts: .*expert_0000.pt would hold \d+ non-finite values"):
+    with pytest.raises(GuardFastError, match=r"^experts: expert seed 0: non-finite loss in epoch 1"):
         run_experts(cfg, ONE)
     assert not (out / "experts" / "expert_0000.pt").exists() and not (out / "buffer.json").exists()
 
