@@ -2,10 +2,10 @@
 
 Both yield (images float (B, C, S, S) in [0, 1] on the target device, labels int64 (B,)), C = the preset's channels
 (ffcv: 3 only); normalization belongs to the model. Train split: RandomResizedCrop(scale=(crop_scale_min, 1)) +
-horizontal flip, shuffled per epoch, last incomplete batch dropped (drop_last=True, so every rank takes the same number of steps). Val split: resize + center
-crop, fixed order, last partial batch kept. Ranks read disjoint shards. `subset` restricts either split to a seeded
-choice of images (the same choice for every world size); `shard_block` deals whole runs of positions to ranks (see
-ShardSampler).
+horizontal flip, shuffled per epoch, last incomplete batch dropped (drop_last=True, so every rank takes the same
+number of steps). Val split: resize + center crop, fixed order, last partial batch kept. Ranks read disjoint
+shards. `subset` restricts either split to a seeded choice of images (the same choice for every world size);
+`shard_block` deals whole runs of positions to ranks (see ShardSampler).
 """
 
 from __future__ import annotations

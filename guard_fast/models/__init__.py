@@ -2,7 +2,8 @@
 
 `MODELS[arch](num_classes, width, image_size, channels)` builds a body on normalized inputs (channels = len(mean));
 `build_model` wraps it in a `Classifier` and optionally loads a checkpoint strictly; `model_from_config` does that
-from a stage's `model` section and the resolved dataset; `prepare_model` applies channels_last and torch.compile in that order.
+from a stage's `model` section and the resolved dataset; `prepare_model` applies channels_last and torch.compile in
+that order.
 """
 
 from __future__ import annotations

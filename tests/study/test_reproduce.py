@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from guard_fast import reproduce
 from guard_fast.data.mnist import prepare_mnist_family
 from guard_fast.data.synthetic import load_synthetic
-from guard_fast.runtime.errors import GuardFastError
-from guard_fast import reproduce
 from guard_fast.reproduce import Cell, parse_cells, random_real_set, run_cells
+from guard_fast.runtime.errors import GuardFastError
 from tests.conftest import REPO
 from tests.data.test_mnist import write_idx_set
 
