@@ -17,7 +17,7 @@ from guard_fast.study import stats as S
 @pytest.mark.parametrize("shape, want", [((1, 28, 28), 0.2165), ((3, 224, 224), 3.0), ((3, 32, 32), 0.4286),
                                          ((3, 16, 16), 0.2143)])
 def test_scaled_h_keeps_the_per_element_rms_step(shape, want):
-    from guard_fast.squeeze.objectives import scaled_h
+    from guard_fast.regularizers.objectives import scaled_h
 
     h = scaled_h(3.0, shape)
     assert h == pytest.approx(want, abs=5e-5)  # the issue's 0.217 at 1x28x28
@@ -28,7 +28,7 @@ def test_scaled_h_keeps_the_per_element_rms_step(shape, want):
 def test_resolution_scaled_objective_equals_the_explicit_step(tiny_model):
     """h_scaling = resolution with h = 3 on 3x16x16 inputs gives the same GUARD loss and gradients as h = 0.2143...
     given explicitly, and a different loss from the unscaled h = 3 (so the option is not ignored)."""
-    from guard_fast.squeeze.objectives import ObjectiveConfig, build_objective, scaled_h
+    from guard_fast.regularizers.objectives import ObjectiveConfig, build_objective, scaled_h
 
     torch.manual_seed(0)
     x, y = torch.rand(6, 3, 16, 16), torch.randint(0, 10, (6,))
@@ -48,7 +48,7 @@ def test_resolution_scaled_objective_equals_the_explicit_step(tiny_model):
 
 def test_h_scaling_is_validated_and_needs_a_shape():
     from guard_fast.runtime.errors import ConfigError
-    from guard_fast.squeeze.objectives import ObjectiveConfig, build_objective
+    from guard_fast.regularizers.objectives import ObjectiveConfig, build_objective
 
     with pytest.raises(ConfigError, match="h_scaling"):
         build_objective(ObjectiveConfig(h_scaling="pixels"))
