@@ -33,7 +33,22 @@ COMMANDS = {
 }
 
 
-def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None, prog: str = "guard-fast") -> int:
+def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None, prog: str = "guard-fast",
+        entry: bool | None = None) -> int:
+    """`_run`, then, when this is the process's entry point (`entry`; by default: argv read from sys.argv) in one rank
+    of a multi-process job, the end of the process (see runtime/distributed.teardown): output flushed, exit code
+    kept, no interpreter teardown of the process group."""
+    code = _run(main, argv, prog)
+    from guard_fast.runtime.distributed import multi_process
+
+    if multi_process() and (argv is None if entry is None else entry):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _run(main: Callable[[list[str]], int | None], argv: list[str] | None = None, prog: str = "guard-fast") -> int:
     """The one error boundary: call a launcher's main; a user error (bad config, missing or corrupt file), a
     file-system error (disk full, no permission, a file where a folder should be), a data loader worker's error and a
     lost peer rank become one line on stderr and a non-zero exit code (under torchrun, also the rank's error file)."""
@@ -105,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"guard-fast: error: command {cmd!r} is not available in this build", file=sys.stderr)
             return 2
         raise
-    return run(module.main, rest, prog=f"guard-fast {cmd}")
+    return run(module.main, rest, prog=f"guard-fast {cmd}", entry=True)
 
 
 if __name__ == "__main__":

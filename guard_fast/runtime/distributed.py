@@ -119,17 +119,24 @@ def host_of(r: int) -> str:
 
 
 def teardown() -> None:
-    """Leave the process group. Called from the launchers' `finally`: on a clean exit every rank first meets the
-    others, so no rank destroys its gloo pairs while a peer still sends on them (that race aborts the process with
-    "terminate called without an active exception"); with an error in flight the peers may never arrive, so the
-    rank only leaves."""
+    """Leave the job. Called from the launchers' `finally`: on a clean exit every rank first meets the others, so no
+    rank leaves while a peer still sends to it. An in-process group of one (tests, one process) is destroyed so the
+    next can start; a group of several processes is left as it is, because its process is about to end and
+    launchers/cli.run ends it with os._exit: the C++ teardown of gloo's group at destroy or interpreter exit raced with
+    the peers' exits and aborted a rank ("terminate called without an active exception") after a clean run."""
     global _CONTROL
     StopRequest.uninstall()
     if dist.is_initialized():
         if sys.exc_info()[0] is None:
             dist.barrier()
-        dist.destroy_process_group()
-    _CONTROL = None
+        if dist.get_world_size() == 1:
+            dist.destroy_process_group()
+            _CONTROL = None
+
+
+def multi_process() -> bool:
+    """True in a process that is one rank of several (launched by torchrun, deepspeed, srun)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def world_size() -> int:
