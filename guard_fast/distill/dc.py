@@ -64,13 +64,13 @@ from guard_fast.data.dsa import SPACES as DSA_SPACES
 from guard_fast.data.dsa import STRATEGY, apply_dsa_in, check_strategy, sample_dsa
 from guard_fast.data.presets import resolve_dataset
 from guard_fast.data.synthetic import class_names, save_grid, to_uint8, write_synthetic
+from guard_fast.distill.imagestate import resume_state, save_state, seeded
 from guard_fast.models import Classifier, ModelConfig, model_from_config
 from guard_fast.runtime import distributed as D
-from guard_fast.runtime.checkpoint import safe_load
 from guard_fast.runtime.cluster import open_run
 from guard_fast.runtime.config import DataConfig, DistConfig, NonNegative, OutputConfig, Positive, Radius
 from guard_fast.runtime.distributed import DistInfo
-from guard_fast.runtime.errors import ConfigError, GuardFastError, reading
+from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.io import atomic_json, atomic_torch_save
 from guard_fast.runtime.runfolder import stage
 
@@ -242,13 +242,6 @@ def load_real(cfg: DCConfig, num_classes: int, device: torch.device, dtype: torc
     return per_class
 
 
-def seeded(*parts: int) -> torch.Generator:
-    seed = 0
-    for p in parts:
-        seed = seed * 1_000_003 + p
-    return torch.Generator().manual_seed(seed % (2**63))
-
-
 def init_images(cfg: DCConfig, real: list[torch.Tensor], model: Classifier, size: int,
                 dtype: torch.dtype) -> torch.Tensor:
     """(C * ipc, 3, S, S) in the units of cfg.space, class-major."""
@@ -371,17 +364,8 @@ def run_dc(cfg: DCConfig, info: DistInfo) -> dict[str, Any]:
     u.grad = torch.zeros_like(u)
     opt = torch.optim.SGD([u], lr=cfg.lr_img, momentum=cfg.momentum_img)
     run.start()  # inputs checked: write the run's record
-    state_path, start = run.path / "state.pt", 0
-    if state_path.is_file():
-        state = safe_load(state_path, map_location=info.device)
-        with reading(state_path, "dc resume state"):
-            if state["key"] != key:
-                raise GuardFastError(f"{state_path} belongs to another configuration; delete it or use another "
-                                     "output.dir")
-            with torch.no_grad():
-                u.copy_(state["images"])
-            opt.load_state_dict(state["optimizer"])
-            start = int(state["iteration"])
+    state_path = run.path / "state.pt"
+    start = resume_state(state_path, key, u, opt, info.device, "dc resume state")
     bar = tqdm(total=cfg.iterations, initial=start, desc=method_name(cfg),
                disable=not (info.is_main and cfg.output.progress))
     for it in range(start, cfg.iterations):
@@ -409,13 +393,6 @@ def method_name(cfg: DCConfig) -> str:
     """DC, DSA, GUARD(DC) or GUARD(DSA)."""
     name = "DSA" if cfg.dsa else "DC"
     return f"GUARD({name})" if cfg.guard else name
-
-
-def save_state(info: DistInfo, path: Path, key: str, u: torch.Tensor, opt, iteration: int) -> None:
-    if info.is_main:
-        atomic_torch_save(path, {"key": key, "iteration": iteration, "images": u.detach().cpu(),
-                                 "optimizer": opt.state_dict()})
-    D.barrier()
 
 
 def write_result(cfg: DCConfig, root: Path, u: torch.Tensor, model: Classifier, num_classes: int, size: int,

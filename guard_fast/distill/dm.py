@@ -46,13 +46,13 @@ from guard_fast.data.dsa import STRATEGY, apply_dsa_in, check_strategy, sample_d
 from guard_fast.data.presets import resolve_dataset
 from guard_fast.data.real import load_real
 from guard_fast.data.synthetic import class_names, save_grid, to_uint8, write_synthetic
+from guard_fast.distill.imagestate import resume_state, save_state, seeded
 from guard_fast.models import Classifier, ModelConfig, model_from_config
 from guard_fast.runtime import distributed as D
-from guard_fast.runtime.checkpoint import safe_load
 from guard_fast.runtime.cluster import open_run
 from guard_fast.runtime.config import DataConfig, DistConfig, NonNegative, OutputConfig, Positive
 from guard_fast.runtime.distributed import DistInfo
-from guard_fast.runtime.errors import ConfigError, GuardFastError, reading
+from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.io import atomic_json, atomic_torch_save
 from guard_fast.runtime.runfolder import stage
 
@@ -118,13 +118,6 @@ class DMConfig:
             raise ConfigError("ckpt_every and stop_after must be >= 0")
         if self.lr_img <= 0 or self.momentum_img < 0:
             raise ConfigError("lr_img must be > 0 and momentum_img >= 0")
-
-
-def seeded(*parts: int) -> torch.Generator:
-    seed = 0
-    for p in parts:
-        seed = seed * 1_000_003 + p
-    return torch.Generator().manual_seed(seed % (2**63))
 
 
 def embed(net: Classifier, v: torch.Tensor) -> torch.Tensor:
@@ -241,17 +234,8 @@ def run_dm(cfg: DMConfig, info: DistInfo) -> dict[str, Any]:
     u.grad = torch.zeros_like(u)
     opt = torch.optim.SGD([u], lr=cfg.lr_img, momentum=cfg.momentum_img)
     run.start()  # inputs checked: write the run's record
-    state_path, start = run.path / "state.pt", 0
-    if state_path.is_file():
-        state = safe_load(state_path, map_location=info.device)
-        with reading(state_path, "dm resume state"):
-            if state["key"] != key:
-                raise GuardFastError(f"{state_path} belongs to another configuration; delete it or use another "
-                                     "output.dir")
-            with torch.no_grad():
-                u.copy_(state["images"])
-            opt.load_state_dict(state["optimizer"])
-            start = int(state["iteration"])
+    state_path = run.path / "state.pt"
+    start = resume_state(state_path, key, u, opt, info.device, "dm resume state")
     bar = tqdm(total=cfg.iterations, initial=start, desc="dm", disable=not (info.is_main and cfg.output.progress))
     for it in range(start, cfg.iterations):
         if cfg.stop_after and it - start >= cfg.stop_after:
@@ -265,10 +249,7 @@ def run_dm(cfg: DMConfig, info: DistInfo) -> dict[str, Any]:
             run.log({"iteration": it + 1, "match_loss": value})
             bar.set_postfix(match=f"{value:.3g}")
         if cfg.ckpt_every and (it + 1) % cfg.ckpt_every == 0 and it + 1 < cfg.iterations:
-            if info.is_main:
-                atomic_torch_save(state_path, {"key": key, "iteration": it + 1, "images": u.detach().cpu(),
-                                               "optimizer": opt.state_dict()})
-            D.barrier()
+            save_state(info, state_path, key, u, opt, it + 1)
     bar.close()
     result: dict[str, Any] = {}
     if info.is_main:

@@ -47,7 +47,7 @@ def sgd_on(model: Classifier, loss: torch.Tensor, lr: float) -> list[torch.Tenso
 
 
 def unit_direction(g: torch.Tensor, h: float) -> torch.Tensor:
-    """z_i = h (g_i + 1e-7) / (||g_i||_2 + 1e-7) (docs/spec.md section 2: the step of length h along the input gradient)."""
+    """z_i = h (g_i + 1e-7) / (||g_i||_2 + 1e-7) (docs/spec.md section 2: step h along the input gradient)."""
     return h * (g + 1e-7) / (g.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-7)
 
 
