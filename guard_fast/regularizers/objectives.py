@@ -1,5 +1,6 @@
-"""Training objectives: plain CE, the GUARD regularizers and the adversarial-training baselines (docs/spec.md section 2),
-shared by the squeeze teacher (guard_fast/squeeze/stage.py) and the MTT/TESLA experts (guard_fast/distill/experts.py).
+"""Training objectives: plain CE, the GUARD regularizers and the adversarial-training baselines (docs/spec.md
+section 2), shared by the squeeze teacher (guard_fast/squeeze/stage.py) and the MTT/TESLA experts
+(guard_fast/distill/experts.py).
 
 Interface: `loss, stats = objective(model, x, y)`. `model` is the unwrapped Classifier (x in [0,1] pixels,
 `model.normalize(x)` = u, `model.body(u)` = logits); the caller back-propagates `loss` exactly once (engine.backward,
