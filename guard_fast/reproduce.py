@@ -122,9 +122,43 @@ def run_unit(preset: str, overrides: list[str], root: str, cell: Cell, draw: int
     record = {"cell": cell.name, "draw": draw, "model": model, "seed": tr.dist.seed,
               "acc": 100 * result["val"]["clean"],
               "cpu_s": time.process_time() - start_cpu, "distill_cpu_s": distill_cpu,
-              "wall_s": time.time() - start_wall, "epochs": tr.optim.epochs, "augment": tr.augment}
+              "wall_s": time.time() - start_wall, "epochs": tr.optim.epochs, "augment": tr.augment,
+              "preset": preset, "overrides": list(overrides)}
     atomic_json(unit_path(Path(root), cell, draw, model), record)
     return record
+
+
+def restore_units(root: Path, report: Path, preset: str, overrides: list[str], cells: list[Cell]) -> int:
+    """Write back into `root` the unit records the committed report holds (report.json "units") and `root` lacks,
+    so a new checkout resumes where an earlier one stopped. A requested cell whose recorded units were made under
+    another preset or other overrides is refused: one report holds one protocol per cell."""
+    previous = read_report(report)
+    wanted = {c.name for c in cells}
+    restored = 0
+    for rec in previous.get("units", []):
+        if rec["cell"] not in wanted:
+            continue
+        if rec.get("preset") != preset or rec.get("overrides") != list(overrides):
+            raise GuardFastError(f"{report.with_suffix('.json')}: cell {rec['cell']} was run with preset "
+                                 f"{rec.get('preset')} and overrides {rec.get('overrides')}; this run asks for "
+                                 f"{preset} {list(overrides)}: pass another --report (and --root)")
+        path = unit_path(root, Cell(rec["method"], rec["ipc"]), rec["draw"], rec["model"])
+        if not path.is_file():
+            atomic_json(path, {k: v for k, v in rec.items() if k not in ("method", "ipc")})
+            restored += 1
+    if restored:
+        print(f"restored {restored} finished units from {report.with_suffix('.json')}", flush=True)
+    return restored
+
+
+def read_report(report: Path) -> dict:
+    path = report.with_suffix(".json")
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise GuardFastError(f"{path}: unreadable report ({type(e).__name__}: {e}); move it aside") from None
 
 
 def report_unit(rec: dict) -> None:
@@ -142,6 +176,7 @@ def run_cells(preset: str, overrides: list[str], root: Path, cells: list[Cell], 
     each finished unit, so an interrupted run leaves a report of what finished."""
     if not 1 <= procs <= 2:
         raise GuardFastError(f"--procs {procs}: 1 or 2 (two one-thread processes are the fastest here)")
+    restore_units(root, report, preset, overrides, cells)
     todo = [(c, d, m) for c in cells for d in range(draws) for m in range(models)
             if not unit_path(root, c, d, m).is_file()]
     data = Path(load_config(PipelineConfig, preset, overrides).data.path)
@@ -188,10 +223,16 @@ def budget_text(cell: Cell, draws: int, models: int, overrides: list[str]) -> st
 def write_report(root: Path, cells: list[Cell], draws: int, models: int, report: Path, command: str,
                  overrides: list[str]) -> dict:
     """report.json and report.md: per cell the finished units' mean +- sd (np.std, DC's), CPU time, published
-    number and gap."""
-    rows = []
+    number and gap; report.json also lists every unit record. Cells of an earlier run of the same report that this
+    run does not name are kept (their rows and units), so running one cell never drops another's results."""
+    previous = read_report(report)
+    named = {c.name for c in cells}
+    kept_rows = [r for r in previous.get("cells", []) if r["cell"] not in named]
+    kept_units = [u for u in previous.get("units", []) if u["cell"] not in named]
+    rows, units = [], []
     for c in cells:
         recs = [json.loads(p.read_text()) for p in sorted((root / c.name).glob("draw*/model*.json"))]
+        units += [{"method": c.method, "ipc": c.ipc, **r} for r in recs]
         accs = np.array([r["acc"] for r in recs])
         pub = PUBLISHED.get((c.method, c.ipc))
         mean = float(accs.mean()) if len(accs) else None
@@ -205,8 +246,11 @@ def write_report(root: Path, cells: list[Cell], draws: int, models: int, report:
                      "published_sd": PUBLISHED_SD.get((c.method, c.ipc)),
                      "gap": None if mean is None or pub is None else mean - pub,
                      "command": command})
+    order = {(m, i): k for k, (m, i) in enumerate(PUBLISHED)}
+    rows = sorted(kept_rows + rows, key=lambda r: (order.get((r["method"], r["ipc"]), len(order)), r["cell"]))
+    units = sorted(kept_units + units, key=lambda u: (u["cell"], u["draw"], u["model"]))
     out = {"dataset": "fashion-mnist", "protocol": "DC evaluate_synset (ConvNet-128, 28 px, 1 channel)",
-           "torch": torch.__version__, "cells": rows}
+           "torch": torch.__version__, "cells": rows, "units": units}
     report.parent.mkdir(parents=True, exist_ok=True)
     atomic_json(report.with_suffix(".json"), out)
     atomic_text(report.with_suffix(".md"), markdown(out))
@@ -227,5 +271,6 @@ def markdown(out: dict) -> str:
         gap = "-" if r["gap"] is None else f"{r['gap']:+.1f}"
         lines.append(f"| {r['cell']} | {r['units_done']}/{r['units_planned']} | {r['budget']} | {acc} | {pub} | "
                      f"{gap} | {r['epochs'] or '-'} | {r['cpu_s'] / 3600:.2f} |")
-    lines += ["", "Command (every cell):", "", f"    {out['cells'][0]['command'] if out['cells'] else ''}", ""]
+    lines += ["", "Commands (a rerun resumes from the units report.json lists):", ""]
+    lines += [f"    {c}" for c in dict.fromkeys(r["command"] for r in out["cells"])] + [""]
     return "\n".join(lines)

@@ -53,6 +53,27 @@ def test_units_are_cached_and_the_report_is_their_statistics(tiny_fmnist, tmp_pa
                      "cmd")["cells"][0]["mean"] == row["mean"]
 
 
+def test_a_new_checkout_resumes_from_the_committed_report_and_other_cells_are_kept(tiny_fmnist, tmp_path,
+                                                                                     monkeypatch):
+    over = [f"--data.path={tiny_fmnist}", "--train_hard.model.width=4", "--train_hard.optim.epochs=1"]
+    first = run_cells(PRESET, over, tmp_path / "a", [Cell("random-real", 1)], 1, 2, 1, tmp_path / "rep", "c1")
+    assert [u["model"] for u in first["units"]] == [0, 1]
+    ran = []
+    real_unit = reproduce.run_unit
+    monkeypatch.setattr(reproduce, "run_unit", lambda *a: ran.append(a[3:]) or real_unit(*a))
+    # a fresh cache folder (new checkout): the two finished units come back from rep.json; only model 2 runs
+    out = run_cells(PRESET, over, tmp_path / "b", [Cell("random-real", 1)], 1, 3, 1, tmp_path / "rep", "c2")
+    assert ran == [(Cell("random-real", 1), 0, 2)] and out["cells"][0]["units_done"] == 3
+    assert [u["acc"] for u in out["units"][:2]] == [u["acc"] for u in first["units"]]
+    # another cell alone: the IPC-1 row and its units stay in the report
+    out = run_cells(PRESET, over, tmp_path / "b", [Cell("random-real", 2)], 1, 1, 1, tmp_path / "rep", "c3")
+    assert [r["cell"] for r in out["cells"]] == ["random-real-ipc1", "random-real-ipc2"]
+    assert len(out["units"]) == 4 and "c2" in (tmp_path / "rep.md").read_text()
+    with pytest.raises(GuardFastError, match="cell random-real-ipc1 was run with"):  # one protocol per cell
+        run_cells(PRESET, [*over[:2], "--train_hard.optim.epochs=2"], tmp_path / "c", [Cell("random-real", 1)], 1,
+                  1, 1, tmp_path / "rep", "c4")
+
+
 def test_bad_cells_and_process_counts_are_refused(tmp_path):
     assert parse_cells("random-real:1, dc:10") == [Cell("random-real", 1), Cell("dc", 10)]
     with pytest.raises(GuardFastError, match="METHOD:IPC"):
