@@ -1,12 +1,13 @@
 # Shared body of the launchers/slurm/*.sbatch templates (sourced, not run): one torchrun agent per node through srun,
-# c10d rendezvous on the job's first node, and preemption handling (docs/cluster.md).
+# c10d rendezvous on the job's first node, and preemption handling (docs/cluster.md). The agent is `guard-fast
+# torchrun` (torchrun's launcher, ending a failed job with one line naming the rank that failed first).
 #
 #   run_stage COMMAND [ARGS...]   runs `guard-fast COMMAND ARGS...` on every allocated GPU (or CPU process)
 #
 # Environment knobs (set them in the .sbatch file or export them before sbatch):
 #   PROCS_PER_NODE   processes per node (default: SLURM_GPUS_ON_NODE, else 1)
 #   RDZV_PORT        rendezvous port on the first node (default 29500)
-#   VENV             the environment's bin folder (default: .venv/bin of the submit directory)
+#   VENV             the environment's bin folder, holding python (default: .venv/bin of the submit directory)
 # The checkout must sit at the same path on every node and output.dir on a filesystem all nodes share.
 #
 # Preemption: submit with `#SBATCH --signal=B:USR1@180` and `#SBATCH --requeue`. SLURM then signals this batch
@@ -38,7 +39,7 @@ run_stage() {
   local command=$1
   shift
   srun --nodes "$SLURM_JOB_NUM_NODES" --ntasks-per-node 1 --kill-on-bad-exit=1 \
-    "$VENV/torchrun" --nnodes "$SLURM_JOB_NUM_NODES" --nproc_per_node "$PROCS_PER_NODE" \
+    "$VENV/python" -m launchers.cli torchrun --nnodes "$SLURM_JOB_NUM_NODES" --nproc_per_node "$PROCS_PER_NODE" \
       --rdzv_backend c10d --rdzv_endpoint "$HEAD:$RDZV_PORT" --rdzv_id "$SLURM_JOB_ID" \
       -m launchers.cli "$command" "$@" &
   _srun_pid=$!
