@@ -398,16 +398,17 @@ def to_toml(cfg: Any) -> str:
     return "\n".join(lines).lstrip() + "\n"
 
 
-def describe(cls: type, prefix: str = "") -> list[str]:
-    """One line per key: `section.key (type, default): doc` for --help output."""
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:
+    """One line per key: `section.key (type, default): doc` for --help output. A section's defaults are those of
+    the enclosing config's instance (a stage's `default_factory` may set them apart from the section class's own)."""
     lines = []
     hints = _hints(cls)
     docs = field_docs(cls)
-    defaults = cls()
+    defaults = cls() if defaults is None else defaults
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if _is_section(tp):
-            lines.extend(describe(tp, f"{prefix}{f.name}."))
+            lines.extend(describe(tp, f"{prefix}{f.name}.", getattr(defaults, f.name)))
         else:
             tname = getattr(tp, "__name__", str(tp)).replace("typing.", "")
             lines.append(f"  --{prefix}{f.name}={getattr(defaults, f.name)!r}  ({tname}) {docs.get(f.name, '')}")

@@ -114,6 +114,16 @@ def test_help_lists_keys_and_exits_zero(capsys):
     assert "--data.batch_size=64" in out and "images per rank per step" in out
 
 
+def test_help_shows_the_defaults_a_stage_gives_its_sections():
+    from guard_fast.student.hard import HardTrainConfig
+
+    cfg = HardTrainConfig()  # its optim and model sections come from factories, not the section classes' defaults
+    lines = C.describe(HardTrainConfig)
+    for key, value in (("optim.epochs", cfg.optim.epochs), ("optim.weight_decay_on", cfg.optim.weight_decay_on),
+                       ("model.width", cfg.model.width), ("output.dir", cfg.output.dir)):
+        assert any(line.split()[0] == f"--{key}={value!r}" for line in lines), key
+
+
 @pytest.mark.subprocess
 def test_cli_unknown_command_and_missing_path():
     env = subprocess_env()
