@@ -1,7 +1,7 @@
 """Squeeze: train a GUARD (or baseline) teacher.
 
     deepspeed --num_gpus N launchers/squeeze.py --config configs/digits/squeeze.toml [--section.key=value ...]
-    torchrun --nproc_per_node N launchers/squeeze.py ...   |   python launchers/squeeze.py ...   |   guard-fast squeeze ...
+    torchrun --nproc_per_node N launchers/squeeze.py ...  |  python launchers/squeeze.py ...  |  guard-fast squeeze ...
 """
 
 from __future__ import annotations

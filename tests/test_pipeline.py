@@ -71,7 +71,8 @@ def test_report_has_every_attack_for_every_method(full_run):
         assert {"clean", "pgd100", "square", "autoattack", "cw", "mim"} <= r.keys()
         assert all(0 <= r[k] <= r["clean"] for k in ("pgd100", "autoattack", "mim"))
         assert f"| {r['label']} | {100 * r['clean']:.2f} |" in report
-    for name in ("robustness.png", "sre2l-teacher-guard/ipc2/recover/grid.png", "sre2l-teacher-none/ipc2/recover/grid.png"):
+    for name in ("robustness.png", "sre2l-teacher-guard/ipc2/recover/grid.png",
+                 "sre2l-teacher-none/ipc2/recover/grid.png"):
         assert (full_run / name).stat().st_size > 0 and name in report
     assert len(stages(full_run)) == 10 and not any(stages(full_run).values())
 
@@ -125,8 +126,8 @@ def test_pipeline_presets_load(name):
 
 @pytest.mark.subprocess
 def test_bad_pipeline_config_is_one_line():
-    r = subprocess.run([PYTHON, "-m", "launchers.cli", "pipeline", "--methods=sre2l:teacher=guard,cure"], capture_output=True,
-                       text=True, env=subprocess_env(), cwd=REPO, timeout=300)
+    r = subprocess.run([PYTHON, "-m", "launchers.cli", "pipeline", "--methods=sre2l:teacher=guard,cure"],
+                       capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=300)
     assert r.returncode == 2 and "methods" in r.stderr and "Traceback" not in r.stderr
 
 

@@ -35,4 +35,4 @@ def accuracy(model: torch.nn.Module, loader, eps: list[float] = (), pgd_steps: i
     D.all_reduce_sum(counts)
     model.train(was_training)
     values = (counts[:-1] / counts[-1].clamp(min=1)).tolist()  # host sync: once per validation
-    return dict(zip(keys, values))
+    return dict(zip(keys, values, strict=True))

@@ -67,7 +67,7 @@ def write_synthetic(root: Path, pixels: torch.Tensor, items: list[dict[str, Any]
     """Write every image, the float set `floats` (pixel units, (N, 3, S, S), if given) and then (last, atomically)
     the manifest. `items[i]` describes pixels[i] and gets a 'file' key. Returns the manifest."""
     labels = torch.tensor([it["label"] for it in items], dtype=torch.int64)
-    for it, px in zip(items, pixels):
+    for it, px in zip(items, pixels, strict=True):
         name = classes[it["label"]]
         it["file"] = f"images/{name}/{name}_ipc{it['ipc_index']:04d}.png"
         write_png(root / it["file"], px)

@@ -104,7 +104,7 @@ class BNStatLoss:
         if not bns:
             raise GuardFastError("the teacher has no BatchNorm2d layers; recover matches their statistics")
         weights = [first_multiplier] + [1.0] * (len(bns) - 1)
-        self.handles = [bn.register_forward_hook(self._hook(w)) for bn, w in zip(bns, weights)]
+        self.handles = [bn.register_forward_hook(self._hook(w)) for bn, w in zip(bns, weights, strict=True)]
 
     def _hook(self, weight: float):
         def hook(bn: torch.nn.BatchNorm2d, inputs: tuple[torch.Tensor], _out) -> None:
@@ -243,7 +243,7 @@ def _assemble(root: Path, folder: Path, num_chunks: int, key: str, cfg: RecoverC
         chunk = torch.load(folder / f"chunk{k:05d}.pt", map_location="cpu", weights_only=True)
         if chunk["key"] != key:
             raise GuardFastError(f"{folder}/chunk{k:05d}.pt belongs to another configuration; delete {folder}")
-        for (c, i), img in zip(chunk["items"], chunk["images"]):
+        for (c, i), img in zip(chunk["items"], chunk["images"], strict=True):
             entries.append({"label": int(c), "ipc_index": int(i), "chunk": k, "seed": int(chunk["seed"]),
                             "loss_last": chunk["loss"][-1]})
             images.append(img)

@@ -53,5 +53,5 @@ def prepare_model(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     return model
 
 
-__all__ = ["MODELS", "Classifier", "ModelConfig", "build_model", "load_checkpoint", "model_from_config", "prepare_model",
-           "save_checkpoint", "unwrap"]
+__all__ = ["MODELS", "Classifier", "ModelConfig", "build_model", "load_checkpoint", "model_from_config",
+           "prepare_model", "save_checkpoint", "unwrap"]

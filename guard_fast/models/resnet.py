@@ -42,7 +42,7 @@ class ResNet18(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         widths = [width, 2 * width, 4 * width, 8 * width]
         c_in = width
-        for i, (w, stride) in enumerate(zip(widths, (1, 2, 2, 2))):
+        for i, (w, stride) in enumerate(zip(widths, (1, 2, 2, 2), strict=True)):
             setattr(self, f"layer{i + 1}", nn.Sequential(BasicBlock(c_in, w, stride), BasicBlock(w, w, 1)))
             c_in = w
         self.avgpool = nn.AdaptiveAvgPool2d(1)

@@ -193,7 +193,7 @@ def run_evaluate(cfg: EvaluateConfig, info: DistInfo) -> dict[str, Any]:
     flush = cfg.flush_denormal and info.device.type == "cpu"
     torch.set_flush_denormal(flush)  # process-wide; this process is the launcher's, restored below
     try:
-        for path, label, model in zip(paths, labels, models):
+        for path, label, model in zip(paths, labels, models, strict=True):
             model = prepare_model(model.to(info.device), cfg.model)
             res = evaluate_model(model, val, cfg.attack, spec.num_classes, info, seed=cfg.dist.seed,
                                  progress=cfg.output.progress, desc=f"evaluate {label}")

@@ -18,8 +18,18 @@ from guard_fast.runtime import config as config_mod
 from guard_fast.runtime.distributed import topology
 from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.io import append_jsonl, atomic_json, atomic_text
-from guard_fast.runtime.runfolder import (RUN_FILE, Verdict, as_dict, check_allowed, contents, flatten, identity,
-                                          lock, register_root, verdict)
+from guard_fast.runtime.runfolder import (
+    RUN_FILE,
+    Verdict,
+    as_dict,
+    check_allowed,
+    contents,
+    flatten,
+    identity,
+    lock,
+    register_root,
+    verdict,
+)
 
 PACKAGES = ("torch", "torchvision", "triton", "deepspeed", "ffcv", "numpy", "torchattacks")
 

@@ -57,7 +57,8 @@ def test_digits_counts_and_split(digits_dir):
     per_class = {c: m["counts"]["train"][c] + m["counts"]["val"][c] for c in m["counts"]["val"]}
     from sklearn.datasets import load_digits
 
-    assert per_class == {str(c): int(k) for c, k in zip(*np.unique(load_digits().target, return_counts=True))}
+    values, counts = np.unique(load_digits().target, return_counts=True)
+    assert per_class == {str(c): int(k) for c, k in zip(values, counts, strict=True)}
     for c, k in per_class.items():  # stratified: each class holds out round(20%)
         assert m["counts"]["val"][c] == round(k * 0.2)
     img = Image.open(next((digits_dir / "val" / "3").iterdir()))
@@ -67,7 +68,7 @@ def test_digits_counts_and_split(digits_dir):
 def test_split_stable_and_seeded():
     labels = np.repeat(np.arange(5), 20)
     a, b, c = stratified_split(labels, 0.2, 0), stratified_split(labels, 0.2, 0), stratified_split(labels, 0.2, 1)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     assert not np.array_equal(a[1], c[1])
 
 

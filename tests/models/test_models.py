@@ -56,7 +56,7 @@ def test_checkpoint_round_trip_and_strictness(tmp_path):
     state = torch.load(path, weights_only=True)  # plain tensors only
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     b = build_model("resnet18-cifar", 10, (0.2,) * 3, (0.3,) * 3, width=8, checkpoint=str(path))
-    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k
     with pytest.raises(GuardFastError, match="does not match the model.*shape mismatch.*fc"):
         build_model("resnet18-cifar", 7, (0.2,) * 3, (0.3,) * 3, width=8, checkpoint=str(path))
@@ -95,5 +95,5 @@ def test_convnet_shapes_and_parameter_count():
     expected = (3 * 128 * 9 + 128) + 2 * (128 * 128 * 9 + 128) + 3 * 2 * 128 + (2048 * 10 + 10)
     assert sum(p.numel() for p in model.parameters()) == expected
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
-    assert build_model("convnet-d4", 5, (0.5,) * 3, (0.5,) * 3, width=8, image_size=64)(torch.rand(1, 3, 64, 64)).shape \
-        == (1, 5)
+    deep = build_model("convnet-d4", 5, (0.5,) * 3, (0.5,) * 3, width=8, image_size=64)
+    assert deep(torch.rand(1, 3, 64, 64)).shape == (1, 5)

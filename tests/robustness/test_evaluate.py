@@ -244,7 +244,7 @@ def parse_tables(md: str) -> dict[str, dict[str, dict[str, str]]]:
         if not lines:
             continue
         cols = [c.strip() for c in lines[0].strip("|").split("|")]
-        out[head] = {cells[0]: dict(zip(cols, cells)) for cells in
+        out[head] = {cells[0]: dict(zip(cols, cells, strict=True)) for cells in
                      ([c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:])}
     return out
 
@@ -267,7 +267,7 @@ def test_report_table_and_json_agree(single):
                     {"clean": "Clean", "pgd100": "PGD100", "square": "Square", "autoattack": "AutoAttack",
                      "cw": "CW", "mim": "MIM"}[r["attack"]]]
                 assert float(cell) == pytest.approx(100 * r["accuracy"], abs=0.005)
-    for row, m in zip(ev["rows"], ev["metrics"]):
+    for row, m in zip(ev["rows"], ev["metrics"], strict=True):
         attacks = [k for k in ATTACKS if k in row]
         assert m["drop_rate"] == {k: pytest.approx(drop_rate(row["clean"], row[k])) for k in attacks}
         assert m["robustness_ratio"] == pytest.approx(robustness_ratio(row["clean"], [row[k] for k in attacks]))
@@ -394,7 +394,7 @@ def test_attack_cost_bench_reports_every_attack(digits_dir, tmp_path):
     out = json.loads((tmp_path / "attack-cost.json").read_text())
     attacks = out["results"]["attacks"]
     assert set(attacks) == {*ATTACKS, "mim_denormals_kept"}
-    for name, r in attacks.items():
+    for r in attacks.values():
         assert len(r["samples"]) == 2 and all(t > 0 for t in r["samples"])
         assert r["seconds_per_image"]["median"] == pytest.approx(sum(r["samples"]) / 2)
     assert out["results"]["settings"]["pgd100"]["steps"] == 2

@@ -47,8 +47,8 @@ def test_resolution_scaled_objective_equals_the_explicit_step(tiny_model):
 
 
 def test_h_scaling_is_validated_and_needs_a_shape():
-    from guard_fast.runtime.errors import ConfigError
     from guard_fast.regularizers.objectives import ObjectiveConfig, build_objective
+    from guard_fast.runtime.errors import ConfigError
 
     with pytest.raises(ConfigError, match="h_scaling"):
         build_objective(ObjectiveConfig(h_scaling="pixels"))
