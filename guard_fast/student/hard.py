@@ -68,6 +68,10 @@ class HardTrainConfig:
     """the synthetic-set folder (manifest.json + images/) of any distillation stage"""
     batch_size: int = 256
     """images per optimizer step over all ranks (DC's batch_train); the last partial batch of an epoch is kept"""
+    chunk: int = 0
+    """images per forward/backward pass inside a rank's slice of the batch (0: the whole slice in one pass). The
+    step's gradient is the same sum to float rounding; on CPU, passes of 16 keep a ConvNet's first-block activations
+    in cache (about 1.5x faster per 256-image step, docs/reproduction.md)"""
     augment: str = "none"
     """none, dsa (differentiable siamese augmentation, one draw per image) or dc (DC's evaluation augmentation:
     one of dc_strategy's operations per image, normalized space; DC uses it for MNIST)"""
@@ -115,8 +119,8 @@ class HardTrainConfig:
             raise ConfigError(f"batch_size = {self.batch_size}: must be >= 1")
         if self.labels not in ("hard", "soft"):
             raise ConfigError(f"labels = {self.labels!r}: valid values are 'hard', 'soft'")
-        if min(self.stop_after, self.val_every, self.val_batches) < 0:
-            raise ConfigError("stop_after, val_every and val_batches must be >= 0")
+        if min(self.stop_after, self.val_every, self.val_batches, self.chunk) < 0:
+            raise ConfigError("stop_after, val_every, val_batches and chunk must be >= 0")
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -141,6 +145,20 @@ def set_labels(cfg: HardTrainConfig, images: SyntheticSet) -> torch.Tensor:
                                                                                   images.num_classes):
         raise GuardFastError(f"{path}: soft labels made for another image set; rerun the distillation")
     return soft["probs"].float()
+
+
+def slice_backward(engine: Any, x: torch.Tensor, y: torch.Tensor, scale: float, chunk: int) -> torch.Tensor:
+    """Backward of scale x (CE sum over this rank's slice) in passes of `chunk` images (0: one pass); returns the
+    loss. DeepSpeed's manual accumulation boundary: the passes before the last only accumulate gradients, the last
+    one reduces them over ranks (any ZeRO stage), and the caller's engine.step() is the one optimizer step."""
+    parts = list(zip(x.split(chunk), y.split(chunk), strict=True)) if chunk and len(y) > chunk else [(x, y)]
+    total = torch.zeros((), device=x.device)
+    for k, (xc, yc) in enumerate(parts):
+        engine.set_gradient_accumulation_boundary(k == len(parts) - 1)
+        loss = F.cross_entropy(engine(xc).float(), yc, reduction="sum") * scale
+        engine.backward(loss)
+        total += loss.detach()
+    return total
 
 
 @stage("train-hard")
@@ -190,8 +208,7 @@ def run_train_hard(cfg: HardTrainConfig, info: DistInfo) -> dict[str, Any]:
                 rng = np.random.default_rng((cfg.dist.seed * 1_000_003 + epoch) * 100_003 + b)
                 x = dc_augment_pixels(x, cfg.dc_strategy, rng, mean, std)
             xs, ys = x.tensor_split(info.world)[info.rank], y.tensor_split(info.world)[info.rank]
-            loss = F.cross_entropy(engine(xs.to(dtype)).float(), ys, reduction="sum") * (info.world / len(ids))
-            engine.backward(loss)
+            loss = slice_backward(engine, xs.to(dtype), ys, info.world / len(ids), cfg.chunk)
             engine.step()
             if trainer.step_done(loss, {}, len(ys)):
                 return trainer.stopped()

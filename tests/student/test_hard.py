@@ -73,16 +73,31 @@ def test_resume_equals_uninterrupted(digits_dir, synset, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_chunked_passes_train_the_same_network(digits_dir, synset, tmp_path):
+    """chunk = 3 splits each 8-image batch into 3 + 3 + 2 passes (the last batch 6: 3 + 3): same weights as one pass
+    to float rounding, also under ZeRO 1."""
+    train(digits_dir, synset, tmp_path / "one", "--augment=none")
+    assert train(digits_dir, synset, tmp_path / "chunked", "--augment=none", "--chunk=3")["steps"] == 8
+    train(digits_dir, synset, tmp_path / "short", "--augment=none", "--optim.epochs=1")
+    a, b, c = (torch.load(tmp_path / d / "student.pt", weights_only=True) for d in ("one", "chunked", "short"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=0) for k in a)
+    assert not all(torch.allclose(a[k], c[k], atol=1e-5, rtol=0) for k in a)  # the tolerance tells steps apart
+    train(digits_dir, synset, tmp_path / "z1", "--augment=none", "--chunk=3", "--dist.zero_stage=1")
+    z = torch.load(tmp_path / "z1" / "student.pt", weights_only=True)
+    assert all(torch.allclose(a[k], z[k], atol=1e-5, rtol=0) for k in a)
+
+
 @pytest.mark.multirank
 @pytest.mark.subprocess
 def test_two_ranks_train_the_same_network(digits_dir, synset, tmp_path):
     """torchrun, 2 gloo ranks (uneven slices: the last batch has 6 images -> 3 + 3, batch 8 -> 4 + 4): same weights
-    as 1 process to float32 summation-order tolerance (atol 1e-5 after 8 SGD steps)."""
+    as 1 process to float32 summation-order tolerance (atol 1e-5 after 8 SGD steps); the ranks run their slices in
+    passes of 2 (chunk), the one process in one pass."""
     one = tmp_path / "one"
     train(digits_dir, synset, one, "--batch_size=7")  # 30 = 4 x 7 + 2: slices 4 + 3 and 1 + 1
     two = tmp_path / "two"
     cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29581",
-           str(REPO / "launchers/train_hard.py"), *args(digits_dir, synset, two, "--batch_size=7")]
+           str(REPO / "launchers/train_hard.py"), *args(digits_dir, synset, two, "--batch_size=7", "--chunk=2")]
     r = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((two / "result.json").read_text())["steps"] == 10
