@@ -47,6 +47,7 @@ SAFE_CHANGES = {
     "val_batches": "how many validation batches the logged metrics use",
     "robust_eval_steps": "PGD steps of the logged robust validation",
     "data.eval_batch_size": "validation batch size (memory only)",
+    "chunk": "images per forward/backward pass of a student's step (the same gradient to float rounding; speed)",
     "data.path": "the dataset was moved (the same images under another path)",
 }
 """keys `--resume --allow_config_change=...` may change, and why each is safe"""
