@@ -193,6 +193,10 @@ class StudyConfig:
     """per-stage gates, measured and printed in the report"""
     pilot: bool = False
     """run the pilot: the first plan.pilot_seeds seeds, no plan needed; its report estimates the paired SD"""
+    carry_dir: str = ""
+    """where each finished job's small files (stage records, results; no weights or images) are kept so that a new
+    checkout resumes without rerunning it (guard_fast/study/carry.py): default results_dir/carry (committed with the
+    results), "off" to keep nothing"""
     workers: int = 2
     """pipeline calls (one per seed and row settings) run at once in worker processes of one thread each; 1 = in
     this process, one after another (forced under torchrun, where every stage distributes itself)"""

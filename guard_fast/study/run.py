@@ -40,6 +40,7 @@ from guard_fast.runtime.distributed import DistInfo
 from guard_fast.runtime.errors import ConfigError
 from guard_fast.runtime.io import atomic_json
 from guard_fast.runtime.stagecache import STAGE_FILE, StageRunner
+from guard_fast.study import carry
 from guard_fast.study import gates as G
 from guard_fast.study.config import KNOBS, StudyConfig, candidates
 from guard_fast.study.plan import Plan, plan_study, settings_slug
@@ -91,6 +92,40 @@ def fingerprint(pc: PipelineConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def job_key(pc: PipelineConfig) -> dict[str, Any]:
+    """What a carried job must match to be restored instead of run (guard_fast/study/carry.py)."""
+    return {"fingerprint": fingerprint(pc), "methods": list(pc.methods), "ipc": list(pc.ipc)}
+
+
+def carry_dir(cfg: StudyConfig) -> Path | None:
+    if cfg.carry_dir == "off":
+        return None
+    return Path(cfg.carry_dir) if cfg.carry_dir else Path(cfg.results_dir) / "carry"
+
+
+def jobs_to_run(cfg: StudyConfig, info: DistInfo, jobs: list[Job]) -> list[Job]:
+    """The jobs that must run: one whose carried copy matches is restored into runs_dir instead (rank 0 decides)."""
+    folder = carry_dir(cfg)
+    if folder is None:
+        return jobs
+    keep = None
+    if info.is_main:
+        keep = [not carry.restore(Path(cfg.runs_dir), folder, j.name, job_key(j.config)) for j in jobs]
+        skipped = len(jobs) - sum(keep)
+        if skipped:
+            print(f"{skipped} finished job(s) restored from {folder} (not run again)", flush=True)
+    keep = D.broadcast_object(keep)
+    return [j for j, k in zip(jobs, keep, strict=True) if k]
+
+
+def carry_job(cfg: StudyConfig, info: DistInfo, job: Job) -> None:
+    """Rank 0: keep a finished job's small files (and the study's ledger, plan, gates cache) for a new checkout."""
+    folder = carry_dir(cfg)
+    if folder is not None and info.is_main:
+        carry.save(Path(cfg.runs_dir), folder, job.name, job_key(job.config))
+        carry.save_study_files(Path(cfg.runs_dir), folder)
+
+
 def prepare_selection_data(cfg: StudyConfig, info: DistInfo) -> Path:
     """runs_dir/data/selection/{train,val}: a seeded stratified split of the real TRAINING images (the reported val
     split is never read by selection). Idempotent: kept when its manifest matches."""
@@ -138,7 +173,7 @@ def run_selection(cfg: StudyConfig, info: DistInfo, data: Path, ledger: dict[str
             pc.evaluate.num_images = 0
             pc.evaluate.attack.names, pc.evaluate.attack.eps = [sel.attack], [sel.eps]
             jobs.append(Job(f"selection/{knob}/{settings_slug(cand)}", pc, extra={"knob": knob, "cand": cand}))
-    run_jobs(jobs, info, cfg.workers, lambda job: None)
+    run_jobs(jobs_to_run(cfg, info, jobs), info, cfg.workers, lambda job: carry_job(cfg, info, job))
     if info.is_main:
         for knob, method in KNOBS.items():
             scored = []
@@ -154,6 +189,8 @@ def run_selection(cfg: StudyConfig, info: DistInfo, data: Path, ledger: dict[str
             ledger["selection"][knob] = {"method": method, "attack": sel.attack, "eps": sel.eps, "ipc": sel.ipc,
                                          "best": best["overrides"], "candidates": scored}
         atomic_json(Path(cfg.runs_dir) / LEDGER, ledger)
+        if (folder := carry_dir(cfg)) is not None:
+            carry.save_study_files(Path(cfg.runs_dir), folder)
     return D.broadcast_object(ledger["selection"])
 
 
@@ -173,27 +210,34 @@ def measure_gates(cfg: StudyConfig, plan: Plan, cells: dict[str, dict[int, list[
     return out + G.measure_kd(cfg.gates, kd)
 
 
-def run_cells(cfg: StudyConfig, info: DistInfo, plan: Plan, after_job: Callable[[], str | None]) -> None:
-    """Every call of the plan for every seed as jobs (call-major, so finished cells have all their seeds first; the
-    base call first); after each job, `after_job` (rank 0) rewrites the report from what is on disk and returns the
-    failed gate's line (None when every gate holds); a failure stops every rank."""
+def cell_jobs(cfg: StudyConfig, plan: Plan) -> list[Job]:
+    """Every call of the plan for every seed, call-major, the base call first: it holds the plain teacher, so the
+    teacher gates stop the study before any row is made."""
     roots = plan_roots(cfg, plan)
     jobs = []
-    # the base call first: it holds the plain teacher, so the teacher gates stop the study before any row is made
     for call in sorted(plan.calls, key=lambda c: c.slug != "base"):
         for seed in cfg.seeds:
             out = Path(cfg.runs_dir) / f"seed{seed}" / call.slug
             gate = GateContext(cfg.gates, [r for r in roots if r[0] == seed], Path(cfg.runs_dir))
             jobs.append(Job(f"seed{seed}/{call.slug}",
                             pipeline_config(cfg, call.settings, out, seed, call.methods, call.ipc), gate))
+    return jobs
+
+
+def run_cells(cfg: StudyConfig, info: DistInfo, plan: Plan, after_job: Callable[[], str | None]) -> None:
+    """Every call of the plan for every seed as jobs (call-major, so finished cells have all their seeds first; the
+    base call first); after each job, `after_job` (rank 0) rewrites the report from what is on disk and returns the
+    failed gate's line (None when every gate holds); a failure stops every rank."""
+    jobs = cell_jobs(cfg, plan)
 
     def done(job: Job) -> None:
+        carry_job(cfg, info, job)
         line = D.broadcast_object(after_job() if info.is_main else None)
         if line:
             raise G.GateError(line)
 
     try:
-        run_jobs(jobs, info, cfg.workers, done)
+        run_jobs(jobs_to_run(cfg, info, jobs), info, cfg.workers, done)
     except G.GateError:
         if info.is_main:
             after_job()  # a gate failed inside a job: the report still shows it
@@ -251,6 +295,7 @@ def run_cost(cfg: StudyConfig, info: DistInfo, cost_fn: Callable[[Any, Path], di
 def pilot_config(cfg: StudyConfig) -> StudyConfig:
     """The pilot: the first plan.pilot_seeds seeds, its report in results_dir/pilot (its stages are the main run's)."""
     pilot = copy.deepcopy(cfg)
+    pilot.carry_dir = cfg.carry_dir or str(Path(cfg.results_dir) / "carry")  # the main run's: it reuses the pilot
     pilot.seeds = cfg.seeds[: cfg.plan.pilot_seeds]
     pilot.results_dir = str(Path(cfg.results_dir) / "pilot")
     pilot.readme = ""
@@ -266,6 +311,9 @@ def run_study(cfg: StudyConfig, info: DistInfo, cost_fn: Callable[[Any, Path], d
         cfg = pilot_config(cfg)
     elif not cfg.report_only:
         cfg.require_plan()
+    if info.is_main and (folder := carry_dir(cfg)) is not None:
+        carry.restore_study_files(Path(cfg.runs_dir), folder)  # a new checkout: the ledger and registered plan
+    D.barrier()
     registration = plan_record(cfg, register=info.is_main and not (cfg.pilot or cfg.report_only))
     if registration["changed"] and info.is_main:
         print(f"warning: plan changed since the main run started (registered {registration['registered']}, now "
@@ -287,6 +335,7 @@ def run_study(cfg: StudyConfig, info: DistInfo, cost_fn: Callable[[Any, Path], d
         return write_study_report(cfg, plan, cells, selected, cost, measure_gates(cfg, plan, cells), registration)
 
     if cfg.report_only:
+        jobs_to_run(cfg, info, cell_jobs(cfg, plan))  # a new checkout: the carried jobs' files, for the report
         return report() if info.is_main else {}
     run_cells(cfg, info, plan, lambda: G.failure_line(report()["gates"]))
     cost = run_cost(cfg, info, cost_fn)

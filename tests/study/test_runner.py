@@ -4,6 +4,7 @@ study with one line, and parallel workers give the sequential runner's results."
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -292,3 +293,47 @@ def test_report_opens_with_verdicts_and_headline_and_recomputes_the_primary_test
     pilot = {r["eps"]: r for r in res["pilot"]}
     assert pilot["4/255"]["sd"] == pytest.approx(d.std(ddof=1)) and pilot["4/255"]["n_needed"] == S.n_for_mdd(
         d.std(ddof=1), 0.02)
+
+
+# --- carried across checkouts --------------------------------------------------------------------------------------
+
+def test_carry_restores_only_a_matching_job_and_never_weights(tmp_path):
+    from guard_fast.study import carry
+
+    runs, kept = tmp_path / "runs", tmp_path / "carry"
+    job = runs / "seed0" / "base"
+    for rel, data in (("teachers/none/stage.json", b"{}"), ("teachers/none/teacher.pt", b"w"),
+                      ("m/ipc1/recover/images/0.png", b"p"), ("m/ipc1/evaluate/evaluation.json", b"{}"),
+                      ("teachers/none/checkpoints/latest.json", b"{}"), ("big.json", b"x" * (carry.MAX_BYTES + 1))):
+        (job / rel).parent.mkdir(parents=True, exist_ok=True)
+        (job / rel).write_bytes(data)
+    key = {"fingerprint": "abc", "methods": ["m"], "ipc": [1]}
+    carry.save(runs, kept, "seed0/base", key)
+    assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*") if p.is_file()) == [
+        "seed0/base/done.json", "seed0/base/m/ipc1/evaluate/evaluation.json", "seed0/base/teachers/none/stage.json"]
+    fresh = tmp_path / "fresh"  # a new checkout
+    assert not carry.restore(fresh, kept, "seed0/base", {**key, "ipc": [1, 10]})  # another job: run it
+    assert not (fresh / "seed0/base").exists()
+    assert carry.restore(fresh, kept, "seed0/base", key) and carry.restore(fresh, kept, "seed0/base", key)
+    assert (fresh / "seed0/base/teachers/none/stage.json").is_file()
+    assert not carry.restore(fresh, kept, "seed0/base", {**key, "fingerprint": "new"})  # the job changed:
+    assert not (fresh / "seed0/base").exists()  # its carried stage records go, so no stage is trusted without weights
+    assert not carry.restore(runs, kept, "seed0/base", key)  # a real run's folder: its own cache decides
+
+
+@pytest.mark.subprocess
+def test_a_new_checkout_resumes_the_study_from_its_carried_jobs(digits_subset, tmp_path):
+    data = digits_subset(8, 4)
+    args = [*tiny_study(data, tmp_path / "runs", tmp_path / "res", seeds=2), "--pipeline.dist.cpu_threads=1",
+            "--pipeline.train.optim.epochs=2", "--pipeline.recover.iterations=3", "--workers=1"]
+    study(args)
+    first = json.loads((tmp_path / "res/results.json").read_text())["cells"]
+    assert (tmp_path / "res/carry/seed0/base/done.json").is_file() and (tmp_path / "res/carry/cells.json").is_file()
+    assert not [p for p in (tmp_path / "res/carry").rglob("*") if p.suffix in (".pt", ".png")]
+    shutil.rmtree(tmp_path / "runs")  # runs_dir is never committed: a new checkout has none
+    study([*args, "--report_only"])
+    assert json.loads((tmp_path / "res/results.json").read_text())["cells"] == first
+    shutil.rmtree(tmp_path / "runs")
+    r = study(args)
+    assert ": running" not in r.stdout and "restored from" in r.stdout, r.stdout[-3000:]
+    assert json.loads((tmp_path / "res/results.json").read_text())["cells"] == first and first

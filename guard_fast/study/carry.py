@@ -1,0 +1,95 @@
+"""What a study carries across checkouts: the small files of every finished job, kept under results_dir/carry/.
+
+`runs_dir` (teachers, images, students, checkpoints) is never committed, yet the study of record takes longer than
+one sitting on one machine. So after each finished job (one pipeline call: a seed and a set of row settings, or a
+selection candidate) its folder's small files (stage records, configs, results, evaluations: no weights, images or
+checkpoints) are copied to `<carry>/<job>/` with `done.json` naming what the job was (its fingerprint, methods and
+IPCs). A new checkout restores a carried job into runs_dir when that record matches the job it is about to run,
+marks it `carried.json`, and does not run it: the report and the gates read the restored files. A carried folder
+whose job changed is deleted before the job runs, so no stage record is ever trusted without its weights.
+The study's own files (the selection ledger, the registered plan, the gates cache) are carried the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from guard_fast.runtime.io import atomic_json
+
+MAX_BYTES = 256 * 1024
+SKIP_DIRS = {"checkpoints", "images", "crops"}
+SKIP_SUFFIXES = {".pt", ".png", ".jpg", ".beton", ".npy", ".npz", ".lock", ".tmp"}
+DONE, MARK = "done.json", "carried.json"
+STUDY_FILES = ("cells.json", "plan.json", "gates-cache.json")
+
+
+def small_files(folder: Path) -> list[Path]:
+    """Files under `folder` worth carrying, relative to it (sorted)."""
+    out = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if (p.is_file() and not p.is_symlink() and p.suffix not in SKIP_SUFFIXES and not p.name.startswith(".")
+                and not SKIP_DIRS & set(rel.parts[:-1]) and p.stat().st_size <= MAX_BYTES and p.name != MARK):
+            out.append(rel)
+    return out
+
+
+def save(runs_dir: Path, carry: Path, job: str, key: dict[str, Any]) -> None:
+    """Copy a finished job's small files to <carry>/<job>/ (replacing an older copy), then done.json: a copy
+    without done.json is incomplete and never restored."""
+    src, dst = runs_dir / job, carry / job
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for rel in small_files(src):
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / rel, tmp / rel)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.mkdir(parents=True, exist_ok=True)
+    tmp.rename(dst)
+    atomic_json(dst / DONE, key)
+
+
+def carried_key(carry: Path, job: str) -> dict[str, Any] | None:
+    try:
+        return json.loads((carry / job / DONE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def restore(runs_dir: Path, carry: Path, job: str, key: dict[str, Any]) -> bool:
+    """True when this job need not run: its carried copy matches `key` and is (now) in runs_dir. A job folder that a
+    real run made is left alone (False: its own stage cache decides); a carried folder of another key is deleted."""
+    folder = runs_dir / job
+    carried = (folder / MARK).is_file()
+    if carried_key(carry, job) != key:
+        if carried:
+            shutil.rmtree(folder)
+        return False
+    if carried:
+        return True
+    if folder.exists():
+        return False
+    for rel in small_files(carry / job):
+        if rel.name != DONE:
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(carry / job / rel, folder / rel)
+    atomic_json(folder / MARK, key)
+    return True
+
+
+def save_study_files(runs_dir: Path, carry: Path) -> None:
+    for name in STUDY_FILES:
+        if (runs_dir / name).is_file():
+            carry.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(runs_dir / name, carry / name)
+
+
+def restore_study_files(runs_dir: Path, carry: Path) -> None:
+    """The carried ledger, registered plan and gates cache, where runs_dir has none (a new checkout)."""
+    for name in STUDY_FILES:
+        if (carry / name).is_file() and not (runs_dir / name).exists():
+            runs_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(carry / name, runs_dir / name)
