@@ -1,5 +1,6 @@
 """CPU time of one unit of every stage of the GUARD-variants evidence table on Fashion-MNIST (ConvNet, 28 px, one
-channel, one thread; configs/fashion-mnist/guard-variants.toml), to size its budgets (docs/methods/guard-variants.md).
+channel, one thread; configs/fashion-mnist/study-guard-variants.toml), to size its budgets
+(docs/methods/guard-variants.md).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python -m bench.variants_cost [--data data/fashion-mnist] [--width 128] [--reps 2]
 

@@ -1,5 +1,5 @@
-"""The GUARD-variants evidence preset (issue 29 item 4; configs/fashion-mnist/guard-variants.toml): its rows, pairs and
-plan, one student protocol and one evaluation for every row, and a study with nothing to select copies no
+"""The GUARD-variants evidence preset (issue 29 item 4; configs/fashion-mnist/study-guard-variants.toml): its rows,
+pairs and plan, one student protocol and one evaluation for every row, and a study with nothing to select copies no
 selection split."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from guard_fast.study.config import load_study, parse_row
 from guard_fast.study.plan import plan_study
 from tests.conftest import REPO
 
-PRESET = str(REPO / "configs" / "fashion-mnist" / "guard-variants.toml")
+PRESET = str(REPO / "configs" / "fashion-mnist" / "study-guard-variants.toml")
 
 
 def test_the_preset_pairs_each_method_with_its_guard_variant_beside_dm():
