@@ -46,8 +46,6 @@ def main(argv: list[str] | None = None) -> dict:
     base.model.width = args.width
     cfgs = {k: _replace(base, v) for k, v in METHODS.items()}
     probe = fresh_network(base, spec, 0, device, torch.float32)
-    lo, hi = probe.normalize(torch.zeros(1, 3, 1, 1, device=device)), probe.normalize(torch.ones(1, 3, 1, 1,
-                                                                                                 device=device))
     u0 = probe.normalize(torch.cat([r[:args.ipc] for r in real]))
 
     def one(name: str, it: int) -> None:
@@ -55,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
         u.grad = torch.zeros_like(u)
         opt = torch.optim.SGD([u], lr=0.1, momentum=0.5)
         net = fresh_network(cfgs[name], spec, it, device, torch.float32)
-        outer_iteration(cfgs[name], info, net, u, opt, real, lo, hi, it)
+        outer_iteration(cfgs[name], info, net, u, opt, real, it)
 
     samples: dict[str, list[float]] = {k: [] for k in METHODS}
     for name in METHODS:

@@ -1,8 +1,9 @@
 """Reproduce published Fashion-MNIST cells (DC's protocol) as resumable, cached units; docs/reproduction.md.
 
 A cell is (method, IPC); its units are (draw, model): draw d picks the set (random real: IPC seeded real images per
-class of train/; dc: a DC distillation seeded d), model m trains a fresh student on it with DC's evaluate_synset
-protocol (guard_fast/student/hard.py, the preset's `train_hard` section) and scores it on the whole test set (val/).
+class of train/; dc / dsa: a DC / DSA distillation seeded d, the preset's `dc` / `dsa` section), model m trains a
+fresh student on it with DC's evaluate_synset protocol (guard_fast/student/hard.py; the preset's `train_hard`
+section, `train_dsa` for DSA sets: DSA on every batch, 1000 epochs) and scores it on the whole test set (val/).
 DC reports mean +- sd over num_exp x num_eval = 5 sets x 20 models (VICO-UoE/DatasetCondensation main.py:20-21,
 126-131; np.std, ddof 0): the full budget here. Every finished unit is one JSON file, so a rerun skips it; units run
 in at most `procs` processes of one thread each.
@@ -37,8 +38,10 @@ PUBLISHED = {("random-real", 1): 51.4, ("random-real", 10): 73.8, ("random-real"
              ("dc", 1): 70.5, ("dc", 10): 82.3, ("dc", 50): 83.6,
              ("dsa", 1): 70.6, ("dsa", 10): 84.6, ("dsa", 50): 88.7}
 PUBLISHED_SD = {("random-real", 1): 3.8, ("random-real", 10): 0.7}
-METHODS = ("random-real", "dc")
-FULL = {"draws": 5, "models": 20, "dc_iterations": 1000}
+METHODS = ("random-real", "dc", "dsa")
+DISTILL = {"dc": "dc", "dsa": "dsa"}  # method -> the preset section of its distillation (random real has none)
+STUDENT = {"random-real": "train_hard", "dc": "train_hard", "dsa": "train_dsa"}  # method -> its student section
+FULL = {"draws": 5, "models": 20}
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ def one_cpu() -> Any:
 
 
 def run_unit(preset: str, overrides: list[str], root: str, cell: Cell, draw: int, model: int) -> dict:
-    """Train and test one student (for dc, distilling its set first unless cached); writes the unit's JSON.
+    """Train and test one student (for dc / dsa, distilling its set first unless cached); writes the unit's JSON.
     CPU seconds are this process's (one thread, no loader workers), distillation counted once, in model 0's unit."""
     torch.set_num_threads(1)
     start_cpu, start_wall = time.process_time(), time.time()
@@ -109,17 +112,18 @@ def run_unit(preset: str, overrides: list[str], root: str, cell: Cell, draw: int
     if cell.method == "random-real":
         images = random_real_set(Path(pipeline.data.path), cell.ipc, draw, base / "set")
     else:
-        images = base / "dc"
+        images = base / cell.method
         if not (images / "result.json").is_file():
-            dc = stage_cfg(pipeline, "dc", images, draw)
-            dc.ipc = cell.ipc
+            d = stage_cfg(pipeline, DISTILL[cell.method], images, draw)
+            d.ipc, d.dsa, d.guard = cell.ipc, cell.method == "dsa", False
             t0 = time.process_time()
-            run_dc(dc, one_cpu())
+            run_dc(d, one_cpu())
             distill_cpu = time.process_time() - t0
-    tr = stage_cfg(pipeline, "train_hard", base / f"model{model}", draw * 1000 + model)
+    tr = stage_cfg(pipeline, STUDENT[cell.method], base / f"model{model}", draw * 1000 + model)
     tr.images, tr.resume = str(images), True
     result = run_train_hard(tr, one_cpu())
-    record = {"cell": cell.name, "draw": draw, "model": model, "seed": tr.dist.seed,
+    made_by = json.loads((images / "manifest.json").read_text())["method"]  # random-real, DC or DSA
+    record = {"cell": cell.name, "draw": draw, "model": model, "seed": tr.dist.seed, "set_method": made_by,
               "acc": 100 * result["val"]["clean"],
               "cpu_s": time.process_time() - start_cpu, "distill_cpu_s": distill_cpu,
               "wall_s": time.time() - start_wall, "epochs": tr.optim.epochs, "augment": tr.augment,
@@ -187,11 +191,11 @@ def run_cells(preset: str, overrides: list[str], root: Path, cells: list[Cell], 
             for d in range(draws):
                 random_real_set(data, c.ipc, d, root / c.name / f"draw{d}" / "set")
     write_report(root, cells, draws, models, report, command, overrides)
-    # dc: model 0 of each draw distils; the other models of that draw wait for it (submitted after it finishes)
-    first = [u for u in todo if u[0].method != "dc" or u[2] == 0 or (root / u[0].name / f"draw{u[1]}" / "dc" /
-                                                                   "result.json").is_file()]
+    # dc / dsa: model 0 of each draw distils; the other models of that draw wait for it (submitted after it finishes)
+    first = [u for u in todo if u[0].method not in DISTILL or u[2] == 0 or (
+        root / u[0].name / f"draw{u[1]}" / u[0].method / "result.json").is_file()]
     later = [u for u in todo if u not in first]
-    if procs == 1:  # in this process, in order (dc's model 0 comes first within its draw)
+    if procs == 1:  # in this process, in order (a distilling model 0 comes first within its draw)
         for u in first + later:
             report_unit(run_unit(preset, overrides, str(root), *u))
             write_report(root, cells, draws, models, report, command, overrides)
@@ -214,10 +218,15 @@ def run_cells(preset: str, overrides: list[str], root: Path, cells: list[Cell], 
 
 # ----------------------------------------------------------------------------------------------------- report
 def budget_text(cell: Cell, draws: int, models: int, overrides: list[str]) -> str:
-    full = draws >= FULL["draws"] and models >= FULL["models"] and not any(
-        o.startswith("--dc.iterations") for o in overrides)
+    """full: DC's 5 draws x 20 models and no override of a section the cell reads (its distillation, its student);
+    otherwise reduced, naming those overrides."""
+    sections = [s for s in (DISTILL.get(cell.method), STUDENT[cell.method]) if s]
+    changed = [o for o in overrides if any(o.startswith(f"--{s}.") for s in sections)]
     what = f"{draws} draws x {models} models"
-    return ("full (" + what + ")") if full else f"reduced: {what} (full: {FULL['draws']} x {FULL['models']})"
+    if draws >= FULL["draws"] and models >= FULL["models"] and not changed:
+        return f"full ({what})"
+    return f"reduced: {what}" + (f", {' '.join(changed)}" if changed else "") + \
+        f" (full: {FULL['draws']} x {FULL['models']})"
 
 
 def write_report(root: Path, cells: list[Cell], draws: int, models: int, report: Path, command: str,

@@ -1,6 +1,7 @@
 """guard-fast reproduce: published Fashion-MNIST cells under DC's protocol (guard_fast/reproduce.py).
 
     guard-fast reproduce --cells random-real:1,random-real:10 --draws 2 --models 4 --procs 2
+    guard-fast reproduce --cells dsa:1 --draws 1 --models 2
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: list[str]) -> int:
     p = _Parser(prog="guard-fast reproduce", description="reproduce published cells (docs/reproduction.md)")
     p.add_argument("--cells", default="random-real:1,random-real:10,random-real:50,dc:1",
-                   help="METHOD:IPC list, METHOD in random-real, dc")
+                   help="METHOD:IPC list, METHOD in random-real, dc, dsa")
     p.add_argument("--preset", default="configs/fashion-mnist/pipeline-dc.toml",
                    help="pipeline preset whose data, dc and train_hard sections define the protocol")
     p.add_argument("--draws", type=int, default=5, help="sets per cell (DC's num_exp: 5)")

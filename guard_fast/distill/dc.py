@@ -76,6 +76,7 @@ from guard_fast.runtime.runfolder import stage
 
 LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}  # DC's get_loops
 INITS = ("real", "noise")
+CPU_CHUNK = 16  # images per forward/backward pass on a CPU (small passes stay in cache; DCConfig.chunk)
 SPACES = ("pixel", "normalized")
 
 
@@ -136,6 +137,11 @@ class DCConfig:
     """attack = pgd: steps (random start, as torchattacks.PGD)"""
     ckpt_every: int = 10
     """outer iterations between checkpoints of the images (rank 0; a rerun resumes from the newest)"""
+    chunk: int = 0
+    """images per forward/backward pass of the real-batch gradient and of an inner-loop step (0 = CPU_CHUNK on a
+    CPU, the whole batch on a GPU); the gradient is the passes' sum, the one-pass gradient up to float rounding. On
+    one CPU thread ConvNet-128's real gradient of 256 Fashion-MNIST images took 0.7 s in passes of 16 and 1.26 s in
+    one pass (docs/reproduction.md, Cost). Not part of the images' key (like the rank count)"""
     float64: bool = False
     """run in float64 (tests: exact 1 vs 2 rank parity)"""
     grid_classes: int = 10
@@ -170,8 +176,8 @@ class DCConfig:
         if self.dsa and self.attack != "none":
             raise ConfigError("dsa = true with attack = pgd: not supported (the attacked batch would leave [0,1] "
                               "after augmentation); set one of them")
-        if min(self.outer_loop, self.inner_loop, self.ckpt_every, self.stop_after) < 0:
-            raise ConfigError("outer_loop, inner_loop, ckpt_every and stop_after must be >= 0")
+        if min(self.outer_loop, self.inner_loop, self.ckpt_every, self.stop_after, self.chunk) < 0:
+            raise ConfigError("outer_loop, inner_loop, ckpt_every, stop_after and chunk must be >= 0")
         if self.lr_img <= 0 or self.lr_net <= 0 or self.h <= 0 or self.lam < 0:
             raise ConfigError("lr_img, lr_net and h must be > 0, lam >= 0")
         self.loops()
@@ -197,29 +203,55 @@ def sign_direction(g: torch.Tensor, h: float) -> torch.Tensor:
 
 
 def guard_real_loss(model: Classifier, x: torch.Tensor, y: torch.Tensor, lam: float, h: float,
-                    guard: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                    guard: bool = True, batch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(CE(x) + lam * R, R) with R = mean_i ||grad_x ce(x+z)_i - grad_x ce(x)_i||_2 in eval mode (ce batch mean,
-    x in [0,1] pixels); (CE, 0) without guard. The model is left in train mode."""
+    x in [0,1] pixels); (CE, 0) without guard. The model is left in train mode.
+
+    x may be a chunk of a batch of `batch` images (0: x is the whole batch): every batch mean is then the chunk's sum
+    divided by `batch` (each gradient in R carries 1/batch), so the batch's loss is the sum of its chunks' losses
+    (exact for networks that treat images independently, which DC requires: BatchNorm is refused)."""
+    n = batch or len(x)
+
+    def ce_of(inputs: torch.Tensor) -> torch.Tensor:  # batch-mean CE's share of this chunk
+        return F.cross_entropy(model(inputs), y, reduction="sum") / n
+
     model.train()
-    ce = F.cross_entropy(model(x), y)
+    ce = ce_of(x)
     if not guard:
         return ce, ce.new_zeros(())
     model.eval()
     xg = x.detach().requires_grad_(True)
-    (g,) = torch.autograd.grad(F.cross_entropy(model(xg), y), xg)  # no parameter gradients
+    (g,) = torch.autograd.grad(ce_of(xg), xg)  # no parameter gradients
     z = sign_direction(g, h)
     xr = x.detach().requires_grad_(True)
-    diff = F.cross_entropy(model(xr + z), y) - F.cross_entropy(model(xr), y)
-    (gd,) = torch.autograd.grad(diff, xr, create_graph=True)  # (B, C, H, W): grad ce(x+z) - grad ce(x)
-    reg = gd.flatten(1).norm(dim=1).mean()
+    (gd,) = torch.autograd.grad(ce_of(xr + z) - ce_of(xr), xr, create_graph=True)  # grad ce(x+z) - grad ce(x)
+    reg = gd.flatten(1).norm(dim=1).sum() / n
     model.train()
     return ce + lam * reg, reg
+
+
+def chunk_size(cfg: DCConfig, device: torch.device, batch: int) -> int:
+    """Images per forward/backward pass: cfg.chunk, or (0) CPU_CHUNK on a CPU and the whole batch elsewhere."""
+    return cfg.chunk or (CPU_CHUNK if device.type == "cpu" else batch)
+
+
+def real_gradients(cfg: DCConfig, net: Classifier, params: list[torch.Tensor], x: torch.Tensor,
+                   y: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients w.r.t. `params` of the real batch's loss (CE, or CE + lam R with guard), summed over passes of
+    chunk_size images: the one-pass gradient up to float rounding."""
+    total: list[torch.Tensor] = []
+    size = chunk_size(cfg, x.device, len(x))
+    for xs, ys in zip(x.split(size), y.split(size), strict=True):
+        loss, _ = guard_real_loss(net, xs, ys, cfg.lam, cfg.h, guard=cfg.guard, batch=len(x))
+        grads = torch.autograd.grad(loss, params)
+        total = [g.detach() for g in grads] if not total else [t.add_(g) for t, g in zip(total, grads, strict=True)]
+    return total
 
 
 def images_key(cfg: DCConfig, spec: dict[str, Any]) -> str:
     """Hash of everything that determines the images (not output, progress, checkpoint cadence or world size)."""
     c = asdict(cfg)
-    for k in ("output", "stop_after", "grid_classes", "ckpt_every"):
+    for k in ("output", "stop_after", "grid_classes", "ckpt_every", "chunk"):
         c.pop(k)
     c["dist"], c["spec"] = {"seed": cfg.dist.seed}, spec
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -304,8 +336,7 @@ def outer_iteration(cfg: DCConfig, info: DistInfo, net: Classifier, u: torch.Ten
                 draw = sample_dsa(seeded(cfg.dist.seed, 6, it, ol, c), cfg.dsa_strategy, *u.shape[2:])
                 x_real = augment(cfg, net, x_real, draw, "pixel")
                 u_c = augment(cfg, net, u_c, draw, cfg.space)
-            loss_real, _ = guard_real_loss(net, x_real, y_real, cfg.lam, cfg.h, guard=cfg.guard)
-            gw_real = [g.detach() for g in torch.autograd.grad(loss_real, params)]
+            gw_real = real_gradients(cfg, net, params, x_real, y_real)
             loss_syn = F.cross_entropy(syn_logits(cfg, net, u_c), labels[c * ipc:(c + 1) * ipc])
             gw_syn = torch.autograd.grad(loss_syn, params, create_graph=True)
             loss = loss + match_distance(list(gw_syn), gw_real)
@@ -330,7 +361,8 @@ def augment(cfg: DCConfig, net: Classifier, x: torch.Tensor, draw, given: str) -
 def train_network(cfg: DCConfig, net: Classifier, u: torch.Tensor, labels: torch.Tensor, it: int, ol: int,
                   inner: int) -> None:
     """inner epochs of plain SGD (lr_net) on the synthetic set, seeded shuffles; identical on every rank. With dsa,
-    every batch gets DSA with one draw per image (VICO main.py:215 -> utils.py:309-311, seed -1)."""
+    every batch gets DSA with one draw per image (VICO main.py:215 -> utils.py:309-311, seed -1). A batch's gradient
+    is accumulated over passes of chunk_size images (its batch-mean CE, up to float rounding)."""
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
     net.train()
     for il in range(inner):
@@ -340,9 +372,10 @@ def train_network(cfg: DCConfig, net: Classifier, u: torch.Tensor, labels: torch
             if cfg.dsa:
                 draw = sample_dsa(seeded(cfg.dist.seed, 7, it, ol, il, b), cfg.dsa_strategy, *u.shape[2:], len(ids))
                 x = augment(cfg, net, x, draw, cfg.space)
-            loss = F.cross_entropy(syn_logits(cfg, net, x), labels[ids])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            size = chunk_size(cfg, u.device, len(ids))
+            for xs, ys in zip(x.split(size), labels[ids].split(size), strict=True):
+                (F.cross_entropy(syn_logits(cfg, net, xs), ys, reduction="sum") / len(ids)).backward()
             opt.step()
 
 

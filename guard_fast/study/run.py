@@ -319,10 +319,9 @@ def run_study(cfg: StudyConfig, info: DistInfo, cost_fn: Callable[[Any, Path], d
         print(f"warning: plan changed since the main run started (registered {registration['registered']}, now "
               f"{registration['sha256']}); the report says so")
     ledger = read_ledger(cfg)
-    if not cfg.report_only:
-        data = prepare_selection_data(cfg, info)
-        selected = run_selection(cfg, info, data, ledger)
-    else:
+    if not cfg.report_only and any(candidates(cfg.selection, k) for k in KNOBS):
+        selected = run_selection(cfg, info, prepare_selection_data(cfg, info), ledger)
+    else:  # nothing to select (no grid: no selection split is copied) or report only
         selected = ledger["selection"]
     selected = {k: v for k, v in selected.items() if v["best"] in [list(c) for c in candidates(cfg.selection, k)]}
     plan = plan_study(cfg, selected)

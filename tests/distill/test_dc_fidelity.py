@@ -101,12 +101,16 @@ def ours(net, images, real, cfg):
     return u.detach()
 
 
+@pytest.mark.parametrize("chunk", [0, 2])
 @pytest.mark.parametrize("guard", [True, False])
 @pytest.mark.parametrize("outer", [1, 2])
-def test_pixel_space_is_main_cure(guard, outer):
+def test_pixel_space_is_main_cure(guard, outer, chunk):
     """main_CURE.py: data loaded in [0,1] pixels (utils.py:55), the network Normalize-then-ConvNet (:149, 173), the
-    images raw pixel tensors initialized by randn (:98): our space = pixel, init = noise, no clamp."""
+    images raw pixel tensors initialized by randn (:98): our space = pixel, init = noise, no clamp. chunk = 2: the
+    real gradient (5 images: passes of 2, 2, 1) and the inner-loop steps (6 images) accumulated over passes take
+    the authors' one-pass step."""
     net, real, cfg = setup("pixel", guard, outer)
+    cfg.chunk = chunk
     images = torch.randn((CLASSES * IPC, 3, 8, 8), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     want = authors_outer_iteration(lambda n, t: n(t), copy.deepcopy(net), images, real, cfg, guard)
     got = ours(net, images, real, cfg)
@@ -115,11 +119,13 @@ def test_pixel_space_is_main_cure(guard, outer):
     assert got.min() < 0 and got.max() > 1  # not clamped: noise in pixel units stays out of [0,1]
 
 
+@pytest.mark.parametrize("chunk", [0, 2])
 @pytest.mark.parametrize("outer", [1, 2])
-def test_normalized_space_is_vicos_dc(outer):
+def test_normalized_space_is_vicos_dc(outer, chunk):
     """VICO's DC: data normalized at load (utils.py:52), the network a plain ConvNet on it, the images normalized
-    tensors (main.py:88, 100): our space = normalized."""
+    tensors (main.py:88, 100): our space = normalized (chunk = 2: passes of 2 images, the same step)."""
     net, real, cfg = setup("normalized", False, outer)
+    cfg.chunk = chunk
     m, s = torch.tensor(MEAN).view(1, 3, 1, 1).double(), torch.tensor(STD).view(1, 3, 1, 1).double()
     real_u = [(x - m) / s for x in real]
     images = torch.randn((CLASSES * IPC, 3, 8, 8), generator=torch.Generator().manual_seed(7), dtype=torch.float64)

@@ -116,12 +116,17 @@ def recorded(monkeypatch):
     return draws
 
 
-@pytest.mark.parametrize(("strategy", "guard", "outer"), [
-    ("color", False, 1), ("crop", False, 1), ("cutout", False, 1), ("flip", False, 1), ("scale", False, 1),
-    ("rotate", False, 1), ("color_crop_cutout_flip_scale_rotate", False, 2), ("color_crop_cutout_flip_scale_rotate",
-                                                                             True, 2), ("rotate", True, 1)])
-def test_dsa_outer_iteration_is_vicos_main_method_dsa(recorded, strategy, guard, outer):
+ALL = "color_crop_cutout_flip_scale_rotate"
+
+
+@pytest.mark.parametrize(("strategy", "guard", "outer", "chunk"), [
+    ("color", False, 1, 0), ("crop", False, 1, 0), ("cutout", False, 1, 0), ("flip", False, 1, 0),
+    ("scale", False, 1, 0), ("rotate", False, 1, 0), (ALL, False, 2, 0), (ALL, True, 2, 0), ("rotate", True, 1, 0),
+    (ALL, False, 2, 2), (ALL, True, 2, 3)])
+def test_dsa_outer_iteration_is_vicos_main_method_dsa(recorded, strategy, guard, outer, chunk):
+    """chunk > 0: gradients accumulated over passes of `chunk` images take the authors' one-pass step."""
     net, real, cfg = setup(strategy, guard, outer)
+    cfg.chunk = chunk
     m, s = torch.tensor(MEAN).view(1, 3, 1, 1).double(), torch.tensor(STD).view(1, 3, 1, 1).double()
     images = torch.randn((CLASSES * IPC, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(7),
                          dtype=torch.float64)

@@ -11,7 +11,9 @@ import torch
 from guard_fast import reproduce
 from guard_fast.data.mnist import prepare_mnist_family
 from guard_fast.data.synthetic import load_synthetic
+from guard_fast.pipeline import PipelineConfig
 from guard_fast.reproduce import Cell, parse_cells, random_real_set, run_cells
+from guard_fast.runtime.config import load_config
 from guard_fast.runtime.errors import GuardFastError
 from tests.conftest import REPO
 from tests.data.test_mnist import write_idx_set
@@ -74,9 +76,31 @@ def test_a_new_checkout_resumes_from_the_committed_report_and_other_cells_are_ke
                   1, 1, tmp_path / "rep", "c4")
 
 
+def test_a_dsa_cell_distils_with_dsa_and_trains_its_students_with_dsa(tiny_fmnist, tmp_path):
+    over = [f"--data.path={tiny_fmnist}", "--dsa.iterations=2", "--dsa.batch_real=4", "--dsa.model.width=4",
+            "--train_dsa.model.width=4", "--train_dsa.optim.epochs=2"]
+    out = run_cells(PRESET, over, tmp_path / "runs", parse_cells("dsa:1"), 1, 2, 1, tmp_path / "rep", "cmd")
+    set_dir = tmp_path / "runs" / "dsa-ipc1" / "draw0" / "dsa"
+    made = json.loads((set_dir / "result.json").read_text())
+    assert made["dsa"] and not made["guard"] and made["images"] == 10
+    units = out["units"]
+    assert [(u["cell"], u["set_method"], u["augment"], u["epochs"]) for u in units] == [
+        ("dsa-ipc1", "DSA", "dsa", 2)] * 2
+    assert units[0]["distill_cpu_s"] > 0 and units[1]["distill_cpu_s"] == 0  # distilled once, by model 0
+    row = out["cells"][0]
+    assert row["published"] == 70.6 and row["augment"] == "dsa" and "--dsa.iterations=2" in row["budget"]
+    # the preset's DSA protocol is the authors' (README command for Fashion-MNIST, flip kept; 1000 epochs run as 1001)
+    cfg = load_config(PipelineConfig, PRESET, [])
+    assert (cfg.dsa.init, cfg.dsa.dsa_strategy, cfg.dsa.iterations, cfg.dsa.batch_real, cfg.dsa.lr_img) == (
+        "real", "color_crop_cutout_flip_scale_rotate", 1000, 256, 0.1)
+    assert (cfg.train_dsa.augment, cfg.train_dsa.optim.epochs, cfg.train_dsa.model.width) == ("dsa", 1001, 128)
+    assert {(m, i): reproduce.PUBLISHED[(m, i)] for m, i in [("dsa", 1), ("dsa", 10), ("dsa", 50)]} == {
+        ("dsa", 1): 70.6, ("dsa", 10): 84.6, ("dsa", 50): 88.7}
+
+
 def test_bad_cells_and_process_counts_are_refused(tmp_path):
-    assert parse_cells("random-real:1, dc:10") == [Cell("random-real", 1), Cell("dc", 10)]
+    assert parse_cells("random-real:1, dc:10, dsa:1") == [Cell("random-real", 1), Cell("dc", 10), Cell("dsa", 1)]
     with pytest.raises(GuardFastError, match="METHOD:IPC"):
-        parse_cells("dsa:1")
+        parse_cells("dm:1")
     with pytest.raises(GuardFastError, match="--procs 3"):
         run_cells(PRESET, [], tmp_path, [Cell("dc", 1)], 1, 1, 3, tmp_path / "r", "")

@@ -1,0 +1,57 @@
+"""The GUARD-variants evidence preset (issue 29 item 4; configs/fashion-mnist/study-guard-variants.toml): its rows,
+pairs and plan, one student protocol and one evaluation for every row, and a study with nothing to select copies no
+selection split."""
+
+from __future__ import annotations
+
+import pytest
+
+from guard_fast.runtime.distributed import DistInfo
+from guard_fast.study import run as study_run
+from guard_fast.study.config import load_study, parse_row
+from guard_fast.study.plan import plan_study
+from tests.conftest import REPO
+
+PRESET = str(REPO / "configs" / "fashion-mnist" / "study-guard-variants.toml")
+
+
+def test_the_preset_pairs_each_method_with_its_guard_variant_beside_dm():
+    cfg = load_study(["--config", PRESET])
+    cfg.validate()
+    cfg.require_plan()  # the main run may start: the plan is registered
+    labels = [parse_row(r).label for r in cfg.table5.rows]
+    assert labels == ["MTT", "GUARD(MTT)", "TESLA", "GUARD(TESLA)", "DM", "DC", "GUARD(DC)"]
+    assert cfg.table5.pairs == cfg.plan.pairs == ["GUARD(MTT) vs MTT", "GUARD(TESLA) vs TESLA", "GUARD(DC) vs DC"]
+    assert cfg.table5.ipc == [10] and cfg.seeds == [0, 1, 2] and cfg.plan.table == "table5"
+    assert not cfg.table12.rows and not cfg.table3.rows and not any(
+        getattr(cfg.selection, k) for k in ("guard", "pgd_at", "grad_norm"))
+    p = cfg.pipeline
+    # one student protocol for every row: DC / MTT / TESLA train from train_hard, DM from train_dsa
+    for key in ("augment", "dsa_space", "batch_size", "quantize"):
+        assert getattr(p.train_hard, key) == getattr(p.train_dsa, key), key
+    assert p.train_hard.model == p.train_dsa.model and p.train_hard.optim == p.train_dsa.optim
+    assert p.train_hard.augment == "dsa" and p.train_hard.optim.epochs == 1000
+    # every distillation network and expert is the students' ConvNet; GUARD's settings fixed in the file
+    assert {p.experts.model.width, p.dm.model.width, p.dc.model.width, p.train_hard.model.width} == {64}
+    assert (p.experts.objective.beta, p.experts.objective.h, p.dc.lam, p.dc.h) == (0.1, 3.0, 100.0, 0.6)
+    assert p.evaluate.attack.names == ["pgd100"] and p.evaluate.num_images == 1000
+    assert any(abs(e - cfg.plan.eps) < 1e-12 for e in p.evaluate.attack.eps)
+
+
+def test_the_quick_preset_is_one_seed_of_tiny_networks():
+    cfg = load_study(["--config", PRESET, "--quick"])
+    cfg.validate()
+    assert cfg.seeds == [0] and cfg.pilot and "quick" in cfg.runs_dir
+    assert cfg.pipeline.experts.model.width == cfg.pipeline.train_hard.model.width == 4
+
+
+def test_a_study_with_nothing_to_select_copies_no_selection_split(tmp_path, monkeypatch):
+    cfg = load_study(["--config", PRESET, f"--runs_dir={tmp_path / 'runs'}", f"--results_dir={tmp_path / 'res'}"])
+    planned = []
+    monkeypatch.setattr(study_run, "prepare_selection_data", lambda *a: pytest.fail("copied a selection split"))
+    monkeypatch.setattr(study_run, "run_cells", lambda c, i, plan, after: planned.append(plan))
+    monkeypatch.setattr(study_run, "run_cost", lambda *a: None)
+    monkeypatch.setattr(study_run, "write_study_report", lambda *a: {"gates": []})
+    study_run.run_study(cfg, DistInfo(0, 1, 0, "cpu"))
+    assert planned and planned[0].cells == plan_study(cfg, {}).cells and len(planned[0].cells) == 7
+    assert not (tmp_path / "runs" / "data").exists()
