@@ -213,6 +213,9 @@ class StudyConfig:
         if self.workers < 1:
             raise ConfigError(f"workers = {self.workers}: give 1 (sequential) or more")
         self.gates.validate()
+        labels = [parse_row(r).label for t in self.tables().values() for r in t.rows]
+        if self.gates.kd_row and self.gates.kd_row not in labels:
+            raise ConfigError(f"gates.kd_row = {self.gates.kd_row!r}: not the label of a table row ({labels})")
         self.validate_plan()
 
     def validate_plan(self) -> None:
