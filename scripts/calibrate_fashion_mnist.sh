@@ -27,6 +27,22 @@ case "$1" in
     $RUN $PY recover $DATA $TEACHER --model.checkpoint=$T --ipc=10 --iterations=${ITERS:-1000} --lr=0.1 \
       --r_bn=${RBN:-0.01} --jitter=4 --crop_scale_min=1.0 --batch_size=100 --dist.seed=$SEED \
       --output.dir=$OUT/recover-w$W-it${ITERS:-1000}-rbn${RBN:-0.01} ;;
+  top1)  # top1 FOLDER: the teacher's top-1 on a recovered set (the recovered_min gate's measurement)
+    $RUN .venv/bin/python -c "
+import json, sys, torch
+from pathlib import Path
+from guard_fast.data.presets import resolve_dataset
+from guard_fast.data.synthetic import load_synthetic
+from guard_fast.models import ModelConfig, model_from_config
+from guard_fast.runtime.config import DataConfig, from_dict
+folder = Path('$2'); stage = json.loads((folder / 'config.json').read_text())
+spec = resolve_dataset(from_dict(DataConfig, stage['data']))
+model = model_from_config(from_dict(ModelConfig, stage['model']), spec).eval()
+s = load_synthetic(folder, spec.num_classes)
+with torch.no_grad():
+    pred = model(s.train_pixels(quantize=True)).argmax(1)
+print(f'{folder}: teacher top-1 on its recovered images {(pred == s.labels).float().mean():.4f}',
+      'per class', (pred == s.labels).view(10, -1).float().mean(1).tolist())" ;;
   subset)  # relabelled REAL IPC 10: the study's real arm (sre2l:images=real), seed $SEED
     $RUN .venv/bin/python -c "
 from guard_fast.distill.subset import SubsetConfig, run_subset
