@@ -30,7 +30,7 @@ from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.io import atomic_json, atomic_text
 from guard_fast.runtime.stagecache import StageRecord, StageRunner
 
-UNKEYED = ("output", "stop_after", "resume", "allow_config_change")  # fields that do not change a stage's result
+UNKEYED = ("output", "stop_after", "resume", "allow_config_change", "until")  # fields that do not change a result
 
 
 @dataclass
@@ -53,6 +53,9 @@ class PipelineBase:
     """attacks and the evaluation subset (evaluate.model follows each method's student)"""
     curvature: PipelineCurvatureConfig = field(default_factory=PipelineCurvatureConfig)
     """optional input-Hessian curvature stages after evaluate (curvature.enabled, curvature.models; off by default)"""
+    until: str = ""
+    """stop every chain after its first stage with this output (e.g. teacher: the teachers only, for a selection
+    scored on them); no evaluation and no report then. Empty = every stage"""
 
     def validate(self) -> None:
         specs = [resolve(m)[1] for m in self.methods]
@@ -139,6 +142,18 @@ def plan_pipeline(cfg: PipelineConfig, root: Path) -> list[tuple[str, int, list[
     return chains
 
 
+def cut_chains(chains: list[tuple[str, int, list[Stage]]], output: str) -> list[tuple[str, int, list[Stage]]]:
+    """Each chain up to and including its first stage that writes `output` (pipeline `until`)."""
+    out = []
+    for label, ipc, stages in chains:
+        k = next((i for i, s in enumerate(stages) if output in s.outputs), None)
+        if k is None:
+            raise ConfigError(f"until = {output!r}: no stage of {label} writes it (outputs: "
+                              f"{', '.join(o for s in stages for o in s.outputs)})")
+        out.append((label, ipc, stages[: k + 1]))
+    return out
+
+
 def key_dict(stage: Any) -> dict[str, Any]:
     d = to_dict(stage)
     for k in UNKEYED:
@@ -168,6 +183,8 @@ def run_pipeline(cfg: PipelineConfig, info: DistInfo,
     root = Path(cfg.output.dir)
     open_run(root, cfg, info=info, keyed=False).start()  # stages key their own work: a changed config reruns them
     chains = plan_pipeline(cfg, root)
+    if cfg.until:
+        chains = cut_chains(chains, cfg.until)
     unique = {s.folder for _, _, stages in chains for s in stages}
     runner = StageRunner(len(unique), set(cfg.force), info.is_main, log=print if info.is_main else (lambda *_: None))
     done: dict[Path, StageRecord] = {}  # folder -> record: a stage shared by several methods runs once
@@ -184,10 +201,15 @@ def run_pipeline(cfg: PipelineConfig, info: DistInfo,
                     on_stage(stage.kind, stage.folder)
             if "grid" in stage.outputs:
                 grids[f"{label} IPC {ipc}"] = str(done[stage.folder].path("grid").relative_to(root))
+        if cfg.until:
+            continue
         evaluations.append((label, ipc, done[next(s for s in stages if s.kind == "evaluate").folder]))
     curvatures = [done[f] for f in dict.fromkeys(s.folder for _, _, st in chains for s in st if s.kind == "curvature")]
     summary = {}
-    if info.is_main:
+    if cfg.until:
+        summary = {"until": cfg.until, "outputs": {f"{label} IPC {ipc}": str(done[stages[-1].folder].path(cfg.until))
+                                                   for label, ipc, stages in chains}}
+    elif info.is_main:
         summary = write_report(cfg, root, evaluations, grids, runner, curvatures)
     D.barrier()
     return summary

@@ -15,6 +15,7 @@ STAGES = {
     "guard_fast.squeeze.stage": "guard_fast.squeeze",
     "guard_fast.distill.recover": "guard_fast.distill.recover",
     "guard_fast.distill.relabel": "guard_fast.distill.relabel",
+    "guard_fast.distill.subset": "guard_fast.distill.subset",
     "guard_fast.distill.experts": "guard_fast.distill.experts",
     "guard_fast.distill.mtt": "guard_fast.distill.mtt",
     "guard_fast.distill.dc": "guard_fast.distill.dc",

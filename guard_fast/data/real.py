@@ -41,8 +41,14 @@ def load_real(cfg: DataConfig, split: str = "train", progress: bool = False) -> 
     size = spec.image_size
     pixels = torch.empty((len(samples), spec.channels, size, size), dtype=torch.uint8)
     for i, (path, _) in enumerate(tqdm(samples, desc=f"load {split}", disable=not progress)):
-        x = to_tensor(read_rgb(path, spec.channels))  # (C, H, W) in [0, 1]
-        if x.shape[-2:] != (size, size):
-            x = resized_crop(x, (0, 0, x.shape[-2], x.shape[-1]), size)
-        pixels[i] = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+        pixels[i] = read_real(path, spec.channels, size)
     return RealSet(pixels, torch.tensor([c for _, c in samples], dtype=torch.int64), classes)
+
+
+def read_real(path: str, channels: int, size: int) -> torch.Tensor:
+    """One real image as the models see it: uint8 (channels, size, size), the whole image resized (bilinear with
+    antialias) when its side differs from `size`."""
+    x = to_tensor(read_rgb(path, channels))  # (C, H, W) in [0, 1]
+    if x.shape[-2:] != (size, size):
+        x = resized_crop(x, (0, 0, x.shape[-2], x.shape[-1]), size)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)

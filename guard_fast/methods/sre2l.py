@@ -1,6 +1,8 @@
 """SRe2L (squeeze -> recover -> relabel -> train) and CDA (the same with recover's crop curriculum), with any squeeze
 objective as the teacher: GUARD is `sre2l:teacher=guard`, SRe2L+Adv is `sre2l:teacher=pgd-at`, GUARD(CDA) is
-`cda:teacher=guard`."""
+`cda:teacher=guard`. `sre2l:images=real` is the control arm: recover is replaced by a seeded random real subset of
+the train split (the subset stage), relabelled by the same teacher (the same squeeze folder, so the same teacher
+stage as `sre2l:teacher=none` in one pipeline folder) and distilled into the student exactly like a recovered set."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from guard_fast.data.presets import resolve_dataset
 from guard_fast.data.views import ViewConfig
 from guard_fast.distill.recover import CURRICULA, RecoverConfig, run_recover
 from guard_fast.distill.relabel import RelabelConfig, run_relabel
+from guard_fast.distill.subset import SubsetConfig, run_subset
 from guard_fast.methods.base import Method, PipelineCfg, Section, Stage, stage_config
 from guard_fast.regularizers.objectives import OBJECTIVES
 from guard_fast.runtime.errors import ConfigError
@@ -35,6 +38,8 @@ TRAIN = Section(
     lambda tr, cfg: (f"- relabel/train: student {tr.model.arch} width {tr.model.width}, {tr.optim.name} lr "
                      f"{tr.optim.lr}, {tr.optim.epochs} epochs, batch {tr.views.batch_size}, T {tr.temperature}, "
                      f"soft labels {tr.soft_labels}"))
+SUBSET = Section("subset", SubsetConfig, "the real-subset control (sre2l:images=real): subset.ipc is set per IPC, the "
+                 "draw is seeded by dist.seed")
 SECTIONS = (SQUEEZE, RECOVER, RELABEL, TRAIN)
 
 SRE2L_LABELS = {"none": "SRe2L", "guard": "GUARD", "pgd-at": "SRe2L+Adv"}
@@ -61,20 +66,31 @@ def chain_views(cfg: PipelineCfg, ipc: int) -> ViewConfig:
     return views
 
 
-def plan_chain(cfg: PipelineCfg, teacher_objective: str, ipc: int, chain: Path, curriculum: str | None = None,
-               milestone: float | None = None) -> list[Stage]:
-    root = chain.parent.parent
-    sq = teacher_stage(cfg, teacher_objective, root)
-    teacher = copy.deepcopy(cfg.squeeze.model)
-    teacher.checkpoint, teacher.compile = str(sq.folder / "teacher.pt"), False
+def images_stage(cfg: PipelineCfg, images: str, sq: Stage, ipc: int, chain: Path, curriculum: str | None,
+                 milestone: float | None) -> Stage:
+    """The chain's image set: recovered from the teacher (`recovered`) or a seeded real subset (`real`)."""
+    outputs = {"manifest": "manifest.json", "grid": "grid.png"}
+    if images == "real":
+        sub = stage_config(cfg, "subset", chain / "subset")
+        sub.ipc = ipc
+        return Stage("subset", chain / "subset", sub, run_subset, outputs)
     rc = stage_config(cfg, "recover", chain / "recover")
-    rc.model, rc.ipc = copy.deepcopy(teacher), ipc
+    rc.model, rc.ipc = copy.deepcopy(sq.config.model), ipc
+    rc.model.checkpoint, rc.model.compile = str(sq.folder / "teacher.pt"), False
     if curriculum is not None:
         rc.curriculum = curriculum
     if milestone is not None:
         rc.milestone = milestone
-    recover = Stage("recover", chain / "recover", rc, run_recover, {"manifest": "manifest.json", "grid": "grid.png"},
-                    [sq.folder])
+    return Stage("recover", chain / "recover", rc, run_recover, outputs, [sq.folder])
+
+
+def plan_chain(cfg: PipelineCfg, teacher_objective: str, ipc: int, chain: Path, curriculum: str | None = None,
+               milestone: float | None = None, images: str = "recovered") -> list[Stage]:
+    root = chain.parent.parent
+    sq = teacher_stage(cfg, teacher_objective, root)
+    teacher = copy.deepcopy(cfg.squeeze.model)
+    teacher.checkpoint, teacher.compile = str(sq.folder / "teacher.pt"), False
+    recover = images_stage(cfg, images, sq, ipc, chain, curriculum, milestone)
     tr = stage_config(cfg, "train", chain / "train")
     tr.images, tr.labels, tr.teacher = str(recover.folder), str(chain / "relabel"), copy.deepcopy(teacher)
     tr.views = chain_views(cfg, ipc)
@@ -91,7 +107,14 @@ def plan_chain(cfg: PipelineCfg, teacher_objective: str, ipc: int, chain: Path, 
 
 
 def _sre2l(cfg: PipelineCfg, opts: dict[str, str], ipc: int, chain: Path) -> list[Stage]:
-    return plan_chain(cfg, opts.get("teacher", "none"), ipc, chain)
+    return plan_chain(cfg, opts.get("teacher", "none"), ipc, chain, images=opts.get("images", "recovered"))
+
+
+def _sre2l_label(opts: dict[str, str]) -> str:
+    teacher = opts.get("teacher", "none")
+    if opts.get("images") == "real":
+        return "Real subset" if teacher == "none" else f"Real subset({SRE2L_LABELS.get(teacher, teacher)} teacher)"
+    return SRE2L_LABELS.get(teacher, f"SRe2L({teacher})")
 
 
 def _cda(cfg: PipelineCfg, opts: dict[str, str], ipc: int, chain: Path) -> list[Stage]:
@@ -99,9 +122,10 @@ def _cda(cfg: PipelineCfg, opts: dict[str, str], ipc: int, chain: Path) -> list[
     return plan_chain(cfg, opts.get("teacher", "none"), ipc, chain, opts.get("curriculum", "cosine"), milestone)
 
 
-SRE2L = Method("sre2l", "SRe2L: squeeze a teacher, recover images by BatchNorm matching, relabel, train by KD",
-               {"teacher": tuple(OBJECTIVES)}, ("squeeze", "recover", "relabel", "train"),
-               lambda o: SRE2L_LABELS.get(o.get("teacher", "none"), f"SRe2L({o.get('teacher')})"), _sre2l, SECTIONS,
+SRE2L = Method("sre2l", "SRe2L: squeeze a teacher, recover images by BatchNorm matching (images=real: a seeded "
+               "real subset instead), relabel, train by KD",
+               {"teacher": tuple(OBJECTIVES), "images": ("recovered", "real")},
+               ("squeeze", "recover", "subset", "relabel", "train"), _sre2l_label, _sre2l, (*SECTIONS, SUBSET),
                {"guard": "teacher=guard", "pgd_at": "teacher=pgd-at", "grad_norm": "teacher=grad-norm"})
 CDA = Method("cda", "CDA: SRe2L with recover's crop curriculum (default cosine; milestone from recover.milestone)",
              {"teacher": tuple(OBJECTIVES), "curriculum": tuple(c for c in CURRICULA if c != "off"),

@@ -53,14 +53,32 @@ class TableConfig:
 class SelectionConfig:
     """Hyperparameters chosen on a split carved from the TRAINING images, never on the reported val split."""
 
+    split: str = "carve"
+    """carve: a seeded stratified val_fraction of data.path/train is the selection val split, the rest its train
+    split; holdout: data.path/train and data.path/holdout as they are (the prepared validation carve)"""
     val_fraction: float = 0.2
-    """fraction of each class of data.path/train held out as the selection val split"""
+    """fraction of each class of data.path/train held out as the selection val split (split = carve)"""
     split_seed: int = 0
-    """seed of the stratified selection split"""
+    """seed of the stratified selection split (split = carve) or of the holdout subset (split = holdout)"""
+    val_images: int = 0
+    """split = holdout: score on a seeded stratified choice of this many holdout images (0 = all of them)"""
     ipc: int = 10
     """images per class of the selection runs' distilled sets"""
     seed: int = 0
-    """dist.seed of the selection runs"""
+    """dist.seed of the selection runs (when `seeds` is empty)"""
+    seeds: list[int] = field(default_factory=list)
+    """dist.seed of every selection run, scores averaged over them (empty = [seed])"""
+    score: str = "student"
+    """student: the method's student under `attack` at `eps` (the whole method runs); teacher: the method's teacher
+    only, its robust accuracy at `eps` as the teacher stage's validation measured it (set the teacher's robust
+    evaluation in `overrides`), among candidates whose mean clean accuracy is within `clean_within` of the
+    `reference` teacher's"""
+    reference: str = ""
+    """score = teacher: the method entry whose teacher is the clean reference (the plain teacher)"""
+    clean_within: float = 0.02
+    """score = teacher: a candidate is eligible when its mean clean accuracy >= the reference's minus this"""
+    overrides: list[str] = field(default_factory=list)
+    """--section.key=value overrides of every selection run (e.g. the teacher's robust evaluation)"""
     attack: str = "pgd100"
     """score = accuracy under this attack (counted only on clean-correct images) on the selection split"""
     eps: Radius = 4 / 255
@@ -75,8 +93,23 @@ class SelectionConfig:
     def validate(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"selection.val_fraction = {self.val_fraction}: must be in (0, 1)")
+        if self.split not in ("carve", "holdout"):
+            raise ConfigError(f"selection.split = {self.split!r}: carve or holdout")
+        if self.score not in ("student", "teacher"):
+            raise ConfigError(f"selection.score = {self.score!r}: student or teacher")
+        if self.score == "teacher":
+            if not self.reference:
+                raise ConfigError("selection.score = teacher needs selection.reference (the plain teacher's method "
+                                  "entry)")
+            resolve(self.reference)
+        if len(set(self.run_seeds())) != len(self.run_seeds()):
+            raise ConfigError(f"selection.seeds = {self.seeds}: distinct seeds")
+        overrides_to_dict(PipelineConfig, self.overrides)
         for knob in KNOBS:
             candidates(self, knob)  # raises on malformed lines
+
+    def run_seeds(self) -> list[int]:
+        return list(self.seeds) or [self.seed]
 
 
 @dataclass
@@ -217,6 +250,9 @@ class StudyConfig:
         if self.workers < 1:
             raise ConfigError(f"workers = {self.workers}: give 1 (sequential) or more")
         self.gates.validate()
+        labels = [parse_row(r).label for t in self.tables().values() for r in t.rows]
+        if self.gates.kd_row and self.gates.kd_row not in labels:
+            raise ConfigError(f"gates.kd_row = {self.gates.kd_row!r}: not the label of a table row ({labels})")
         self.validate_plan()
 
     def validate_plan(self) -> None:

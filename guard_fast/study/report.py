@@ -365,18 +365,32 @@ def cost_lines(cfg: StudyConfig, costs: list[dict[str, Any]], cost: dict[str, An
 
 
 def selection_lines(cfg: StudyConfig, selected: dict[str, Any]) -> list[str]:
-    lines = ["## Hyperparameter selection (on a split of the training images)", "",
-             f"A seeded stratified split of data/train ({100 * cfg.selection.val_fraction:g}% held out per class, "
-             f"seed {cfg.selection.split_seed}); each candidate trains the whole chain at IPC {cfg.selection.ipc} on "
-             f"the rest and is scored by {COLUMNS.get(cfg.selection.attack, cfg.selection.attack)} accuracy at "
-             f"{fmt_eps(cfg.selection.eps)} on the held-out part. The reported val split is never used.", ""]
+    sel = cfg.selection
+    split = (f"data/train, scored on data/holdout (the prepared carve of the training images"
+             f"{f'; {sel.val_images} of its images, stratified, seed {sel.split_seed}' if sel.val_images else ''})"
+             if sel.split == "holdout" else
+             f"a seeded stratified split of data/train ({100 * sel.val_fraction:g}% held out per class, seed "
+             f"{sel.split_seed})")
+    seeds = ", ".join(map(str, sel.run_seeds()))
+    if sel.score == "teacher":
+        how = (f"each candidate trains its teacher only, seeds {seeds}, and is scored by the teacher's mean PGD "
+               f"accuracy at {fmt_eps(sel.eps)} (the teacher stage's robust validation) among candidates whose mean "
+               f"clean accuracy is within {100 * sel.clean_within:g} points of the reference teacher's "
+               f"(`{sel.reference}`)")
+    else:
+        how = (f"each candidate trains the whole chain at IPC {sel.ipc}, seeds {seeds}, and is scored by "
+               f"{COLUMNS.get(sel.attack, sel.attack)} accuracy at {fmt_eps(sel.eps)}")
+    lines = ["## Hyperparameter selection (on the training images)", "",
+             f"Training on {split}: {how}. The reported test split is never used.", ""]
     if not selected:
         return lines + ["No selection runs (or not finished yet).", ""]
     for knob, s in selected.items():
-        lines += [f"**{knob}** ({s['method']}), chosen: `{' '.join(s['best'])}`", "",
-                  _md(["candidate", "clean %", "score %"],
-                      [[f"`{' '.join(c['overrides'])}`", f"{100 * c['clean']:.2f}", f"{100 * c['score']:.2f}"]
-                       for c in s["candidates"]]), ""]
+        ref = s.get("reference_clean")
+        lines += [f"**{knob}** ({s['method']}), chosen: `{' '.join(s['best'])}`"
+                  + (f"; reference teacher clean {100 * ref:.2f}%" if ref is not None else ""), "",
+                  _md(["candidate", "clean %", "score %", "eligible"],
+                      [[f"`{' '.join(c['overrides'])}`", f"{100 * c['clean']:.2f}", f"{100 * c['score']:.2f}",
+                        {True: "yes", False: "no"}.get(c.get("eligible"), "-")] for c in s["candidates"]]), ""]
     return lines
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from guard_fast.data.digits import prepare_digits, stratified_split
 from guard_fast.methods import resolve
-from guard_fast.pipeline import PipelineConfig, key_dict
+from guard_fast.pipeline import PipelineConfig, cut_chains, key_dict, plan_pipeline
 from guard_fast.robustness.report import evaluation_rows
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.config import apply_overrides, from_dict, to_dict
@@ -48,6 +48,7 @@ from guard_fast.study.report import write_study_report
 from guard_fast.study.workers import GateContext, Job, run_jobs
 
 LEDGER = "cells.json"
+TEACHER = "teacher"  # the output the teacher stage of a method writes (selection.score = teacher)
 REGISTERED = "plan.json"
 
 
@@ -128,8 +129,12 @@ def carry_job(cfg: StudyConfig, info: DistInfo, job: Job) -> None:
 
 def prepare_selection_data(cfg: StudyConfig, info: DistInfo) -> Path:
     """runs_dir/data/selection/{train,val}: a seeded stratified split of the real TRAINING images (the reported val
-    split is never read by selection). Idempotent: kept when its manifest matches."""
+    split is never read by selection). Idempotent: kept when its manifest matches. With selection.split = holdout,
+    runs_dir/data/selection-holdout/{train,val}: links to data.path/train and data.path/holdout."""
     src = Path(cfg.pipeline.data.path)
+    if cfg.selection.split == "holdout":
+        return link_holdout(src, Path(cfg.runs_dir) / "data" / "selection-holdout", cfg.selection.val_images,
+                            cfg.selection.split_seed, info)
     out = Path(cfg.runs_dir) / "data" / "selection"
     if info.is_main:
         if cfg.pipeline.data.dataset == "digits" and not (src / "train").is_dir():
@@ -152,6 +157,41 @@ def prepare_selection_data(cfg: StudyConfig, info: DistInfo) -> Path:
     return out
 
 
+def link_holdout(src: Path, out: Path, val_images: int, seed: int, info: DistInfo) -> Path:
+    """out/train -> src/train (an absolute link); out/val -> src/holdout, or with val_images > 0 a copy of a seeded
+    stratified choice of that many holdout images (the data preparation made the carve)."""
+    hold = src / "holdout"
+    files = sorted(p.relative_to(hold) for p in hold.rglob("*") if p.is_file()) if hold.is_dir() else []
+    if not files:
+        raise ConfigError(f"selection.split = holdout: {hold} is missing or empty (prepare the data with a holdout "
+                          "carve, or use selection.split = carve)")
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        link = out / "train"
+        if not link.is_symlink():
+            link.symlink_to((src / "train").resolve(), target_is_directory=True)
+        want = {"source": str(hold.resolve()), "val_images": val_images, "seed": seed, "files": len(files)}
+        manifest = out / "manifest.json"
+        if not (manifest.is_file() and json.loads(manifest.read_text()).get("want") == want):
+            val = out / "val"
+            if val.is_symlink():
+                val.unlink()
+            shutil.rmtree(val, ignore_errors=True)
+            if not val_images or val_images >= len(files):
+                val.symlink_to(hold.resolve(), target_is_directory=True)
+                chosen = files
+            else:
+                labels = np.array([str(f.parent) for f in files])
+                _, ids = stratified_split(labels, val_images / len(files), seed)
+                chosen = [files[i] for i in ids]
+                for f in chosen:
+                    (val / f).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(hold / f, val / f)
+            atomic_json(manifest, {"want": want, "val": len(chosen)})  # last: folder complete
+    D.barrier()
+    return out
+
+
 def read_ledger(cfg: StudyConfig) -> dict[str, Any]:
     try:
         return json.loads((Path(cfg.runs_dir) / LEDGER).read_text())
@@ -159,34 +199,83 @@ def read_ledger(cfg: StudyConfig) -> dict[str, Any]:
         return {"selection": {}}
 
 
-def run_selection(cfg: StudyConfig, info: DistInfo, data: Path, ledger: dict[str, Any]) -> dict[str, Any]:
-    """Train and score every candidate of every knob on the selection split (candidates run as parallel jobs); the
-    best score wins (ties: the higher clean accuracy, then the first in grid order). Returns {knob: {'best':
-    overrides, 'method', 'candidates': [{'overrides', 'score', ...}]}}."""
+def selection_call(cfg: StudyConfig, data: Path, overrides: tuple[str, ...], out: Path, seed: int,
+                   method: str) -> PipelineConfig:
+    """One selection run's pipeline config: on the selection split, the teacher only when scored on it."""
     sel = cfg.selection
+    pc = pipeline_config(cfg, [*sel.overrides, *overrides], out, seed, [method], [sel.ipc])
+    pc.data.path = str(data)
+    pc.evaluate.num_images = 0
+    pc.evaluate.attack.names, pc.evaluate.attack.eps = [sel.attack], [sel.eps]
+    if sel.score == "teacher":
+        pc.until = TEACHER
+    return pc
+
+
+def selection_folder(cfg: StudyConfig, knob: str, cand: tuple[str, ...], seed: int) -> Path:
+    """selection/<knob>/<candidate>/ (one seed given by selection.seed) or .../seed<s>/ (selection.seeds)."""
+    base = Path(cfg.runs_dir) / "selection" / knob / settings_slug(cand)
+    return base / f"seed{seed}" if cfg.selection.seeds else base
+
+
+def run_score(sel: Any, pc: PipelineConfig) -> tuple[float, float]:
+    """(score, clean) of a finished selection run: the student's row at sel.eps, or the teacher's validation."""
+    root = Path(pc.output.dir)
+    if sel.score == "teacher":
+        _label, _ipc, stages = cut_chains(plan_pipeline(pc, root), TEACHER)[0]
+        val = json.loads((stages[-1].folder / "result.json").read_text()).get("val") or {}
+        key = f"pgd@{sel.eps:.6g}"
+        if key not in val:
+            raise ConfigError(f"selection.score = teacher: {stages[-1].folder}/result.json has no {key} (set the "
+                              f"teacher's robust evaluation at eps {sel.eps:.6g} in selection.overrides)")
+        return val[key], val["clean"]
+    rows = json.loads((root / "results.json").read_text())["rows"]
+    row = next(r for r in rows if r["eps"] == sel.eps)
+    return row[sel.attack], row["clean"]
+
+
+def run_selection(cfg: StudyConfig, info: DistInfo, data: Path, ledger: dict[str, Any]) -> dict[str, Any]:
+    """Train and score every candidate of every knob on the selection split, for every selection seed (candidates run
+    as parallel jobs); the best mean score wins (ties: the higher clean accuracy, then the first in grid order). With
+    score = teacher, only candidates whose mean clean accuracy is within clean_within of the reference teacher's are
+    eligible. Returns {knob: {'best': overrides, 'method', 'candidates': [{'overrides', 'score', ...}]}}."""
+    sel = cfg.selection
+    seeds = sel.run_seeds()
     jobs = []
     for knob, method in KNOBS.items():
         for cand in candidates(sel, knob):
-            out = Path(cfg.runs_dir) / "selection" / knob / settings_slug(cand)
-            pc = pipeline_config(cfg, cand, out, sel.seed, [method], [sel.ipc])
-            pc.data.path = str(data)
-            pc.evaluate.num_images = 0
-            pc.evaluate.attack.names, pc.evaluate.attack.eps = [sel.attack], [sel.eps]
-            jobs.append(Job(f"selection/{knob}/{settings_slug(cand)}", pc, extra={"knob": knob, "cand": cand}))
-    run_jobs(jobs_to_run(cfg, info, jobs), info, cfg.workers, lambda job: carry_job(cfg, info, job))
+            for seed in seeds:
+                out = selection_folder(cfg, knob, cand, seed)
+                jobs.append(Job(str(out.relative_to(cfg.runs_dir)), selection_call(cfg, data, cand, out, seed, method),
+                                extra={"knob": knob, "cand": cand}))
+    reference = [Job(f"selection/reference/seed{seed}", selection_call(
+        cfg, data, (), Path(cfg.runs_dir) / "selection" / "reference" / f"seed{seed}", seed, sel.reference),
+        extra={"knob": "", "cand": ()}) for seed in seeds] if sel.score == "teacher" and jobs else []
+    run_jobs(jobs_to_run(cfg, info, reference + jobs), info, cfg.workers, lambda job: carry_job(cfg, info, job))
     if info.is_main:
+        ref_clean = None
+        if reference:
+            ref_clean = float(np.mean([run_score(sel, j.config)[1] for j in reference]))
         for knob, method in KNOBS.items():
             scored = []
-            for job in (j for j in jobs if j.extra["knob"] == knob):
-                out = Path(job.config.output.dir)
-                rows = json.loads((out / "results.json").read_text())["rows"]
-                row = next(r for r in rows if r["eps"] == sel.eps)
-                scored.append({"overrides": list(job.extra["cand"]), "score": row[sel.attack], "clean": row["clean"],
-                               "folder": str(out.relative_to(cfg.runs_dir))})
+            for cand in candidates(sel, knob):
+                runs = [j for j in jobs if j.extra["knob"] == knob and j.extra["cand"] == cand]
+                scores = [run_score(sel, j.config) for j in runs]
+                entry = {"overrides": list(cand), "score": float(np.mean([s for s, _ in scores])),
+                         "clean": float(np.mean([c for _, c in scores])), "seeds": seeds,
+                         "folder": str(Path(runs[0].config.output.dir).relative_to(cfg.runs_dir))}
+                if ref_clean is not None:
+                    entry["eligible"] = entry["clean"] >= ref_clean - sel.clean_within
+                scored.append(entry)
             if not scored:
                 continue
-            best = max(scored, key=lambda s: (s["score"], s["clean"]))  # max() keeps the first of equal pairs
+            pool = [s for s in scored if s.get("eligible", True)]
+            if not pool:
+                raise ConfigError(f"selection of {knob}: no candidate's teacher is within {sel.clean_within} of the "
+                                  f"reference's clean accuracy {ref_clean:.4f} (widen the grid)")
+            best = max(pool, key=lambda s: (s["score"], s["clean"]))  # max() keeps the first of equal pairs
             ledger["selection"][knob] = {"method": method, "attack": sel.attack, "eps": sel.eps, "ipc": sel.ipc,
+                                         "score": sel.score, "reference_clean": ref_clean,
                                          "best": best["overrides"], "candidates": scored}
         atomic_json(Path(cfg.runs_dir) / LEDGER, ledger)
         if (folder := carry_dir(cfg)) is not None:
