@@ -114,6 +114,18 @@ def digits_subset(digits_dir, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def tiny_fmnist(tmp_path_factory) -> Path:
+    """A tiny Fashion-MNIST folder as `prepare-fashion-mnist` writes it (60 train / 20 test IDX images, no holdout)."""
+    from guard_fast.data.mnist import prepare_mnist_family
+    from tests.data.test_mnist import write_idx_set
+
+    root = tmp_path_factory.mktemp("fm")
+    write_idx_set(root / "idx", n_train=60, n_test=20)
+    prepare_mnist_family("fashion-mnist", root / "data", "idx", root / "idx", holdout_fraction=0)
+    return root / "data"
+
+
 @pytest.fixture
 def tiny_model():
     """Factory for a width-8 ResNet-18 on [0,1] images (seeded inside the fixture, not at import)."""

@@ -10,20 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from guard_fast.data.mnist import prepare_mnist_family
 from guard_fast.data.synthetic import load_synthetic
 from guard_fast.distill.subset import SubsetConfig, run_subset
 from guard_fast.runtime.config import load_config
 from tests.conftest import ONE, REPO
-from tests.data.test_mnist import write_idx_set
-
-
-@pytest.fixture(scope="module")
-def tiny_fmnist(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fm")
-    write_idx_set(root / "idx", n_train=60, n_test=20)
-    prepare_mnist_family("fashion-mnist", root / "data", "idx", root / "idx", holdout_fraction=0)
-    return root / "data"
 
 
 def subset(data, out, seed: int, ipc: int = 2):

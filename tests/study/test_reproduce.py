@@ -9,24 +9,14 @@ import pytest
 import torch
 
 from guard_fast import reproduce
-from guard_fast.data.mnist import prepare_mnist_family
 from guard_fast.data.synthetic import load_synthetic
 from guard_fast.pipeline import PipelineConfig
 from guard_fast.reproduce import Cell, parse_cells, random_real_set, run_cells
 from guard_fast.runtime.config import load_config
 from guard_fast.runtime.errors import GuardFastError
 from tests.conftest import REPO
-from tests.data.test_mnist import write_idx_set
 
 PRESET = str(REPO / "configs" / "fashion-mnist" / "pipeline-dc.toml")
-
-
-@pytest.fixture(scope="module")
-def tiny_fmnist(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fm")
-    write_idx_set(root / "idx", n_train=60, n_test=20)
-    prepare_mnist_family("fashion-mnist", root / "data", "idx", root / "idx", holdout_fraction=0)
-    return root / "data"
 
 
 def test_random_real_set_is_ipc_train_images_per_class_seeded_by_draw(tiny_fmnist, tmp_path):
