@@ -69,8 +69,11 @@ def main(argv: list[str] | None = None) -> dict:
                       ("guard", ObjectiveConfig(name="guard", beta=args.beta, h=args.h))):
         objective = expert_objective(ExpertsConfig(objective=obj))
         opt = torch.optim.SGD(model.body.parameters(), lr=0.01)
-        units[f"expert step ({name})"] = cpu_median(
-            lambda: expert_step(model, objective, opt, aug(model.normalize(x256), 0), y256), args.reps)
+
+        def step(objective=objective, opt=opt) -> None:
+            expert_step(model, objective, opt, aug(model.normalize(x256), 0), y256)
+
+        units[f"expert step ({name})"] = cpu_median(step, args.reps)
 
     flat = FlatNet(model.body)
     u = model.normalize(torch.cat([r[:10] for r in real_u8]).float() / 255)  # (100, 1, 28, 28) IPC 10
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     steps = plan_steps(len(labels), len(labels), 10, torch.Generator().manual_seed(0), 0)
     lr = torch.tensor(0.01)
     for name, grads in (("mtt", mtt_grads), ("tesla", tesla_grads)):
-        units[f"{name} step"] = cpu_median(lambda: grads(flat, u, labels, lr, start, target, steps, aug),
+        units[f"{name} step"] = cpu_median(lambda grads=grads: grads(flat, u, labels, lr, start, target, steps, aug),
                                            args.reps) / len(steps)
 
     dcfg = dm.DMConfig(ipc=10, model=mcfg)
@@ -95,7 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     params = list(model.parameters())
     for name, guard in (("dc real", False), ("guard(dc) real", True)):
         ccfg = dc.DCConfig(guard=guard)
-        units[f"{name} 256"] = cpu_median(lambda: dc.real_gradients(ccfg, model, params, x256, y256), args.reps)
+        units[f"{name} 256"] = cpu_median(lambda ccfg=ccfg: dc.real_gradients(ccfg, model, params, x256, y256),
+                                            args.reps)
 
     sopt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
