@@ -240,8 +240,9 @@ def write_report(root: Path, cells: list[Cell], draws: int, models: int, report:
     kept_units = [u for u in previous.get("units", []) if u["cell"] not in named]
     rows, units = [], []
     for c in cells:
-        recs = [json.loads(p.read_text()) for p in sorted((root / c.name).glob("draw*/model*.json"))]
-        units += [{"method": c.method, "ipc": c.ipc, **r} for r in recs]
+        found = [json.loads(p.read_text()) for p in sorted((root / c.name).glob("draw*/model*.json"))]
+        units += [{"method": c.method, "ipc": c.ipc, **r} for r in found]  # all kept for a later, larger run
+        recs = [r for r in found if r["draw"] < draws and r["model"] < models]  # the statistics: this budget only
         accs = np.array([r["acc"] for r in recs])
         pub = PUBLISHED.get((c.method, c.ipc))
         mean = float(accs.mean()) if len(accs) else None

@@ -56,6 +56,10 @@ def test_a_new_checkout_resumes_from_the_committed_report_and_other_cells_are_ke
     # a fresh cache folder (new checkout): the two finished units come back from rep.json; only model 2 runs
     out = run_cells(PRESET, over, tmp_path / "b", [Cell("random-real", 1)], 1, 3, 1, tmp_path / "rep", "c2")
     assert ran == [(Cell("random-real", 1), 0, 2)] and out["cells"][0]["units_done"] == 3
+    smaller = run_cells(PRESET, over, tmp_path / "b", [Cell("random-real", 1)], 1, 2, 1, tmp_path / "rep", "c2b")
+    assert smaller["cells"][0]["units_done"] == 2 and len(smaller["units"]) == 3  # the row is the asked budget
+    assert smaller["cells"][0]["mean"] == pytest.approx(np.mean([u["acc"] for u in first["units"]]))
+    out = run_cells(PRESET, over, tmp_path / "b", [Cell("random-real", 1)], 1, 3, 1, tmp_path / "rep", "c2")
     assert [u["acc"] for u in out["units"][:2]] == [u["acc"] for u in first["units"]]
     # another cell alone: the IPC-1 row and its units stay in the report
     out = run_cells(PRESET, over, tmp_path / "b", [Cell("random-real", 2)], 1, 1, 1, tmp_path / "rep", "c3")
