@@ -12,12 +12,18 @@ The study's own files (the selection ledger, the registered plan, the gates cach
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
+from guard_fast.pipeline import PipelineConfig, key_dict
+from guard_fast.runtime import distributed as D
+from guard_fast.runtime.distributed import DistInfo
 from guard_fast.runtime.io import atomic_json
+from guard_fast.study.config import StudyConfig
+from guard_fast.study.workers import Job
 
 MAX_BYTES = 256 * 1024
 SKIP_DIRS = {"checkpoints", "images", "crops"}
@@ -93,3 +99,47 @@ def restore_study_files(runs_dir: Path, carry: Path) -> None:
         if (carry / name).is_file() and not (runs_dir / name).exists():
             runs_dir.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(carry / name, runs_dir / name)
+
+
+# ------------------------------------------------------------------------------------------- the study's side
+def fingerprint(pc: PipelineConfig) -> str:
+    """What a pipeline call's numbers depend on besides methods/ipc/folder (a folder's results count only if it
+    matches the current config)."""
+    d = key_dict(pc)
+    for k in ("methods", "ipc", "force"):
+        d.pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def job_key(pc: PipelineConfig) -> dict[str, Any]:
+    """What a carried job must match to be restored instead of run (guard_fast/study/carry.py)."""
+    return {"fingerprint": fingerprint(pc), "methods": list(pc.methods), "ipc": list(pc.ipc)}
+
+
+def carry_dir(cfg: StudyConfig) -> Path | None:
+    if cfg.carry_dir == "off":
+        return None
+    return Path(cfg.carry_dir) if cfg.carry_dir else Path(cfg.results_dir) / "carry"
+
+
+def jobs_to_run(cfg: StudyConfig, info: DistInfo, jobs: list[Job]) -> list[Job]:
+    """The jobs that must run: one whose carried copy matches is restored into runs_dir instead (rank 0 decides)."""
+    folder = carry_dir(cfg)
+    if folder is None:
+        return jobs
+    keep = None
+    if info.is_main:
+        keep = [not restore(Path(cfg.runs_dir), folder, j.name, job_key(j.config)) for j in jobs]
+        skipped = len(jobs) - sum(keep)
+        if skipped:
+            print(f"{skipped} finished job(s) restored from {folder} (not run again)", flush=True)
+    keep = D.broadcast_object(keep)
+    return [j for j, k in zip(jobs, keep, strict=True) if k]
+
+
+def carry_job(cfg: StudyConfig, info: DistInfo, job: Job) -> None:
+    """Rank 0: keep a finished job's small files (and the study's ledger, plan, gates cache) for a new checkout."""
+    folder = carry_dir(cfg)
+    if folder is not None and info.is_main:
+        save(Path(cfg.runs_dir), folder, job.name, job_key(job.config))
+        save_study_files(Path(cfg.runs_dir), folder)

@@ -32,7 +32,7 @@ import numpy as np
 
 from guard_fast.data.digits import prepare_digits, stratified_split
 from guard_fast.methods import resolve
-from guard_fast.pipeline import PipelineConfig, cut_chains, key_dict, plan_pipeline
+from guard_fast.pipeline import PipelineConfig, cut_chains, plan_pipeline
 from guard_fast.robustness.report import evaluation_rows
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.config import apply_overrides, from_dict, to_dict
@@ -42,6 +42,7 @@ from guard_fast.runtime.io import atomic_json
 from guard_fast.runtime.stagecache import STAGE_FILE, StageRunner
 from guard_fast.study import carry
 from guard_fast.study import gates as G
+from guard_fast.study.carry import carry_dir, carry_job, fingerprint, jobs_to_run
 from guard_fast.study.config import KNOBS, StudyConfig, candidates
 from guard_fast.study.plan import Plan, plan_study, settings_slug
 from guard_fast.study.report import write_study_report
@@ -82,49 +83,6 @@ def pipeline_config(cfg: StudyConfig, overrides: tuple[str, ...] | list[str], ou
     pc.output.dir = str(out)
     pc.validate()
     return pc
-
-
-def fingerprint(pc: PipelineConfig) -> str:
-    """What a pipeline call's numbers depend on besides methods/ipc/folder (a folder's results count only if it
-    matches the current config)."""
-    d = key_dict(pc)
-    for k in ("methods", "ipc", "force"):
-        d.pop(k, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def job_key(pc: PipelineConfig) -> dict[str, Any]:
-    """What a carried job must match to be restored instead of run (guard_fast/study/carry.py)."""
-    return {"fingerprint": fingerprint(pc), "methods": list(pc.methods), "ipc": list(pc.ipc)}
-
-
-def carry_dir(cfg: StudyConfig) -> Path | None:
-    if cfg.carry_dir == "off":
-        return None
-    return Path(cfg.carry_dir) if cfg.carry_dir else Path(cfg.results_dir) / "carry"
-
-
-def jobs_to_run(cfg: StudyConfig, info: DistInfo, jobs: list[Job]) -> list[Job]:
-    """The jobs that must run: one whose carried copy matches is restored into runs_dir instead (rank 0 decides)."""
-    folder = carry_dir(cfg)
-    if folder is None:
-        return jobs
-    keep = None
-    if info.is_main:
-        keep = [not carry.restore(Path(cfg.runs_dir), folder, j.name, job_key(j.config)) for j in jobs]
-        skipped = len(jobs) - sum(keep)
-        if skipped:
-            print(f"{skipped} finished job(s) restored from {folder} (not run again)", flush=True)
-    keep = D.broadcast_object(keep)
-    return [j for j, k in zip(jobs, keep, strict=True) if k]
-
-
-def carry_job(cfg: StudyConfig, info: DistInfo, job: Job) -> None:
-    """Rank 0: keep a finished job's small files (and the study's ledger, plan, gates cache) for a new checkout."""
-    folder = carry_dir(cfg)
-    if folder is not None and info.is_main:
-        carry.save(Path(cfg.runs_dir), folder, job.name, job_key(job.config))
-        carry.save_study_files(Path(cfg.runs_dir), folder)
 
 
 def prepare_selection_data(cfg: StudyConfig, info: DistInfo) -> Path:
