@@ -15,6 +15,7 @@ from guard_fast.distill.recover import CURRICULA, RecoverConfig, run_recover
 from guard_fast.distill.relabel import RelabelConfig, run_relabel
 from guard_fast.distill.subset import SubsetConfig, run_subset
 from guard_fast.methods.base import Method, PipelineCfg, Section, Stage, stage_config
+from guard_fast.models import ModelConfig
 from guard_fast.regularizers.objectives import OBJECTIVES
 from guard_fast.runtime.errors import ConfigError
 from guard_fast.squeeze.stage import SqueezeConfig, run_squeeze
@@ -66,17 +67,17 @@ def chain_views(cfg: PipelineCfg, ipc: int) -> ViewConfig:
     return views
 
 
-def images_stage(cfg: PipelineCfg, images: str, sq: Stage, ipc: int, chain: Path, curriculum: str | None,
-                 milestone: float | None) -> Stage:
-    """The chain's image set: recovered from the teacher (`recovered`) or a seeded real subset (`real`)."""
+def images_stage(cfg: PipelineCfg, images: str, sq: Stage, teacher: ModelConfig, ipc: int, chain: Path,
+                 curriculum: str | None, milestone: float | None) -> Stage:
+    """The chain's image set: recovered from the teacher (`recovered`; `teacher` is its model config, loading
+    sq's checkpoint) or a seeded real subset (`real`)."""
     outputs = {"manifest": "manifest.json", "grid": "grid.png"}
     if images == "real":
         sub = stage_config(cfg, "subset", chain / "subset")
         sub.ipc = ipc
         return Stage("subset", chain / "subset", sub, run_subset, outputs)
     rc = stage_config(cfg, "recover", chain / "recover")
-    rc.model, rc.ipc = copy.deepcopy(sq.config.model), ipc
-    rc.model.checkpoint, rc.model.compile = str(sq.folder / "teacher.pt"), False
+    rc.model, rc.ipc = copy.deepcopy(teacher), ipc
     if curriculum is not None:
         rc.curriculum = curriculum
     if milestone is not None:
@@ -90,7 +91,7 @@ def plan_chain(cfg: PipelineCfg, teacher_objective: str, ipc: int, chain: Path, 
     sq = teacher_stage(cfg, teacher_objective, root)
     teacher = copy.deepcopy(cfg.squeeze.model)
     teacher.checkpoint, teacher.compile = str(sq.folder / "teacher.pt"), False
-    recover = images_stage(cfg, images, sq, ipc, chain, curriculum, milestone)
+    recover = images_stage(cfg, images, sq, teacher, ipc, chain, curriculum, milestone)
     tr = stage_config(cfg, "train", chain / "train")
     tr.images, tr.labels, tr.teacher = str(recover.folder), str(chain / "relabel"), copy.deepcopy(teacher)
     tr.views = chain_views(cfg, ipc)
