@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from guard_fast.methods import METHODS, Method, Stage, describe_methods, resolve, sections, stage_config, used_sections
-from guard_fast.robustness.curvature import PipelineCurvatureConfig, combine, run_curvature, write_outputs
+from guard_fast.robustness.curvature import PipelineCurvatureConfig, run_curvature
+from guard_fast.robustness.curvature_report import combine, write_outputs
 from guard_fast.robustness.evaluate import EvaluateConfig, run_evaluate
 from guard_fast.robustness.report import bar_chart, evaluation_rows, metrics_table, results_table
 from guard_fast.runtime import distributed as D

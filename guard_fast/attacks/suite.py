@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 import torchattacks
 
-from guard_fast.runtime.config import NonNegative, Positive, Radius
+from guard_fast.runtime.bounds import NonNegative, Positive, Radius
 from guard_fast.runtime.errors import ConfigError
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from guard_fast.data.augment import resized_crop, sample_rrc
-from guard_fast.runtime.config import NonNegative
+from guard_fast.runtime.bounds import NonNegative
 from guard_fast.runtime.errors import ConfigError
 
 

@@ -36,8 +36,9 @@ from guard_fast.distill.matching import AUGMENTS, FlatNet, build_augment
 from guard_fast.models import Classifier, ModelConfig, model_from_config
 from guard_fast.regularizers.objectives import Objective, ObjectiveConfig, Stats, build_objective
 from guard_fast.runtime import distributed as D
+from guard_fast.runtime.bounds import Positive
 from guard_fast.runtime.cluster import open_run
-from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig, Positive
+from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
 from guard_fast.runtime.distributed import DistInfo
 from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.io import atomic_json, atomic_torch_save, saved_with_key

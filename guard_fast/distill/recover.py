@@ -24,8 +24,9 @@ from guard_fast.data.presets import resolve_dataset
 from guard_fast.data.synthetic import class_names, save_grid, to_uint8, write_synthetic
 from guard_fast.models import Classifier, ModelConfig, model_from_config, prepare_model
 from guard_fast.runtime import distributed as D
+from guard_fast.runtime.bounds import NonNegative, Positive
 from guard_fast.runtime.cluster import open_run
-from guard_fast.runtime.config import DataConfig, DistConfig, NonNegative, OutputConfig, Positive
+from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
 from guard_fast.runtime.distributed import DistInfo, setup_phase
 from guard_fast.runtime.errors import ConfigError, GuardFastError
 from guard_fast.runtime.io import atomic_json, atomic_torch_save, file_sha256, saved_with_key

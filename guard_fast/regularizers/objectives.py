@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from guard_fast.attacks.pgd import fgsm_rs, pgd, trades_attack
 from guard_fast.models import Classifier
-from guard_fast.runtime.config import NonNegative, Positive, Radius
+from guard_fast.runtime.bounds import NonNegative, Positive, Radius
 from guard_fast.runtime.errors import ConfigError
 
 Stats = dict[str, torch.Tensor]

@@ -15,69 +15,15 @@ import typing
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import tomllib
 
+from guard_fast.runtime.bounds import check_bounds, split_bound
 from guard_fast.runtime.errors import ConfigError
 from guard_fast.runtime.fielddocs import field_docs
 
 C = TypeVar("C")
-
-# ----------------------------------------------------------------------------------------------------------------
-# Bounded numbers: declared once as a type, checked by `validate` for every config class that has such a field
-
-
-@dataclass(frozen=True)
-class Bound:
-    """A float field's valid range; NaN and infinities are never valid."""
-
-    low: float
-    high: float = math.inf
-    low_open: bool = True
-    text: str = ""
-
-    def check(self, key: str, value: float) -> None:
-        above = value > self.low if self.low_open else value >= self.low
-        if not (math.isfinite(value) and above and value <= self.high):
-            raise ConfigError(f"{key} = {value}: must be {self.text}")
-
-
-Radius = Annotated[float, Bound(0.0, 1.0, True, "an L-inf radius (or step) in (0, 1] pixel units, e.g. 8/255")]
-"""an L-inf radius or attack step size in [0,1] pixel units: 0 < r <= 1"""
-Positive = Annotated[float, Bound(0.0, math.inf, True, "a finite number > 0")]
-"""a learning rate, coefficient or step that the formula divides by or needs > 0"""
-NonNegative = Annotated[float, Bound(0.0, math.inf, False, "a finite number >= 0")]
-"""a momentum, decay or coefficient where 0 switches the term off"""
-Fraction01 = Annotated[float, Bound(0.0, 1.0, True, "in (0, 1]")]
-"""a fraction in (0, 1]"""
-
-
-def _bound(tp: Any) -> tuple[Any, Bound | None]:
-    """(the plain type, its Bound or None) of an annotation such as Radius or list[Radius]."""
-    if typing.get_origin(tp) is Annotated:
-        base, *meta = typing.get_args(tp)
-        return base, next((m for m in meta if isinstance(m, Bound)), None)
-    return tp, None
-
-
-def check_bounds(cfg: Any, prefix: str = "") -> None:
-    """Every bounded field of `cfg` (and of its sections) within its Bound; lists element-wise."""
-    hints = typing.get_type_hints(type(cfg), include_extras=True)
-    for f in dataclasses.fields(cfg):
-        value, tp, key = getattr(cfg, f.name), hints[f.name], f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            check_bounds(value, f"{key}.")
-            continue
-        if typing.get_origin(tp) is list:
-            (tp,) = typing.get_args(tp)
-            values = value
-        else:
-            values = [value]
-        _, bound = _bound(tp)
-        if bound is not None:
-            for v in values:
-                bound.check(key, v)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Shared sections
@@ -204,7 +150,7 @@ def _is_section(tp: Any) -> bool:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check/convert one value to the field's annotated type; raise ConfigError naming the key."""
-    tp, _ = _bound(tp)  # the bound itself is checked by validate(), for defaults too
+    tp, _ = split_bound(tp)  # the bound itself is checked by validate(), for defaults too
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]

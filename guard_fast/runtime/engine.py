@@ -21,7 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from guard_fast.runtime.config import DistConfig, NonNegative, Positive
+from guard_fast.runtime.bounds import NonNegative, Positive
+from guard_fast.runtime.config import DistConfig
 from guard_fast.runtime.errors import ConfigError
 
 SCHEDULES = ("cosine", "step")

@@ -12,8 +12,9 @@ from guard_fast.attacks.accuracy import accuracy
 from guard_fast.data import build_loader
 from guard_fast.models import ModelConfig, model_from_config, prepare_model
 from guard_fast.regularizers.objectives import DOUBLE_BACKWARD, ObjectiveConfig, build_objective
+from guard_fast.runtime.bounds import Radius
 from guard_fast.runtime.cluster import open_run
-from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig, Radius
+from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
 from guard_fast.runtime.distributed import DistInfo, setup_phase
 from guard_fast.runtime.engine import OptimConfig
 from guard_fast.runtime.errors import ConfigError, GuardFastError

@@ -22,8 +22,9 @@ from guard_fast.data.soft_labels import StoredLabels
 from guard_fast.data.synthetic import load_synthetic
 from guard_fast.data.views import EpochPlan, ViewConfig, num_batches, plan_epoch, rank_positions, render
 from guard_fast.models import ModelConfig, model_from_config, prepare_model
+from guard_fast.runtime.bounds import Positive
 from guard_fast.runtime.cluster import open_run
-from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig, Positive
+from guard_fast.runtime.config import DataConfig, DistConfig, OutputConfig
 from guard_fast.runtime.distributed import DistInfo, setup_phase
 from guard_fast.runtime.engine import OptimConfig
 from guard_fast.runtime.errors import ConfigError, GuardFastError

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from guard_fast.methods import knobs, resolve
 from guard_fast.pipeline import PipelineConfig
-from guard_fast.runtime.config import Radius, overrides_to_dict, parse_args
+from guard_fast.runtime.bounds import Radius
+from guard_fast.runtime.config import overrides_to_dict, parse_args
 from guard_fast.runtime.errors import ConfigError
 from guard_fast.study.figures import FIGURES
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from guard_fast.robustness.curvature import distribution_plot, quantiles
+from guard_fast.robustness.curvature_report import distribution_plot, quantiles
 from guard_fast.runtime.io import atomic_json, atomic_text
 from guard_fast.study import stats as S
 

@@ -25,6 +25,15 @@ from guard_fast.study import stats as S
 from guard_fast.study.config import StudyConfig, parse_pair, parse_row
 from guard_fast.study.figures import FIGURES, FigureContext
 from guard_fast.study.plan import Plan
+from guard_fast.study.report_sections import (
+    gate_lines,
+    md_table,
+    pilot_lines,
+    plan_lines,
+    power_lines,
+    selection_lines,
+    verdict_lines,
+)
 
 CLAIMS = {
     "robust": ("Robust accuracy higher", "GUARD's accuracy under attack is higher than the baseline's", +1),
@@ -127,11 +136,6 @@ def _ci(c: dict[str, Any], scale: float = 100.0) -> str:
     return f"{scale * c['mean']:+.2f}{ci} {MARK[c['verdict']]}"
 
 
-def _md(header: list[str], body: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-                      *["| " + " | ".join(r) + " |" for r in body]])
-
-
 def _eps_order(cells: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(e for c in cells for e in c))
 
@@ -232,11 +236,11 @@ def write_study_report(cfg: StudyConfig, plan: Plan, cells: dict[str, dict[int, 
             eps_list, cols = planned_eps(cfg), planned_columns(cfg)
             for eps in eps_list:
                 body += [f"### IPC {ipc}, eps = {eps}", "", "Accuracy (%), mean ± std over seeds:", "",
-                         _md(["Row", "seeds", *[COLUMNS[k] for k in cols]],
+                         md_table(["Row", "seeds", *[COLUMNS[k] for k in cols]],
                              [[lb, str(c.get(eps, {}).get("clean", {}).get("n", 0)),
                                *[_ms(c.get(eps, {}).get(k)) for k in cols]] for lb, c in table_cells]), "",
                          "Drop rate (% of clean accuracy lost), mean ± std:", "",
-                         _md(["Row", *[COLUMNS[k] for k in cols if k != "clean"]],
+                         md_table(["Row", *[COLUMNS[k] for k in cols if k != "clean"]],
                              [[lb, *[_ms(c.get(eps, {}).get("drop", {}).get(k)) for k in cols if k != "clean"]]
                               for lb, c in table_cells]), ""]
             if any(c for _, c in table_cells):
@@ -267,7 +271,7 @@ def write_study_report(cfg: StudyConfig, plan: Plan, cells: dict[str, dict[int, 
                     drp = {c["column"]: c for c in comps if c["claim"] == "drop" and c["eps"] == eps}
                     rows.append([f"accuracy @ {eps}", *[_ci(acc[k]) if k in acc else "-" for k in rob_cols]])
                     rows.append([f"drop rate @ {eps}", *[_ci(drp[k]) if k in drp else "-" for k in rob_cols]])
-                body += [_md(["", *[COLUMNS[k] for k in rob_cols]], rows), ""]
+                body += [md_table(["", *[COLUMNS[k] for k in rob_cols]], rows), ""]
     costs = cost_comparisons(cfg, cost)
     comparisons += costs
     primary = A.primary_analysis(cfg, plan, stats)
@@ -360,38 +364,8 @@ def cost_lines(cfg: StudyConfig, costs: list[dict[str, Any]], cost: dict[str, An
     return ["## Table 4: time per iteration and peak memory, side by side", "", *note,
             "Measured by bench/step.py in one process, repetitions interleaved; the interval is over repetitions "
             "(paired by repetition), not seeds. Memory is one measurement per row.", "",
-            _md(["GUARD vs baseline", "GUARD ms/iter", "baseline ms/iter", "difference ms [CI]",
+            md_table(["GUARD vs baseline", "GUARD ms/iter", "baseline ms/iter", "difference ms [CI]",
                  "peak MiB (GUARD / baseline)"], body), ""]
-
-
-def selection_lines(cfg: StudyConfig, selected: dict[str, Any]) -> list[str]:
-    sel = cfg.selection
-    split = (f"data/train, scored on data/holdout (the prepared carve of the training images"
-             f"{f'; {sel.val_images} of its images, stratified, seed {sel.split_seed}' if sel.val_images else ''})"
-             if sel.split == "holdout" else
-             f"a seeded stratified split of data/train ({100 * sel.val_fraction:g}% held out per class, seed "
-             f"{sel.split_seed})")
-    seeds = ", ".join(map(str, sel.run_seeds()))
-    if sel.score == "teacher":
-        how = (f"each candidate trains its teacher only, seeds {seeds}, and is scored by the teacher's mean PGD "
-               f"accuracy at {fmt_eps(sel.eps)} (the teacher stage's robust validation) among candidates whose mean "
-               f"clean accuracy is within {100 * sel.clean_within:g} points of the reference teacher's "
-               f"(`{sel.reference}`)")
-    else:
-        how = (f"each candidate trains the whole chain at IPC {sel.ipc}, seeds {seeds}, and is scored by "
-               f"{COLUMNS.get(sel.attack, sel.attack)} accuracy at {fmt_eps(sel.eps)}")
-    lines = ["## Hyperparameter selection (on the training images)", "",
-             f"Training on {split}: {how}. The reported test split is never used.", ""]
-    if not selected:
-        return lines + ["No selection runs (or not finished yet).", ""]
-    for knob, s in selected.items():
-        ref = s.get("reference_clean")
-        lines += [f"**{knob}** ({s['method']}), chosen: `{' '.join(s['best'])}`"
-                  + (f"; reference teacher clean {100 * ref:.2f}%" if ref is not None else ""), "",
-                  _md(["candidate", "clean %", "score %", "eligible"],
-                      [[f"`{' '.join(c['overrides'])}`", f"{100 * c['clean']:.2f}", f"{100 * c['score']:.2f}",
-                        {True: "yes", False: "no"}.get(c.get("eligible"), "-")] for c in s["candidates"]]), ""]
-    return lines
 
 
 def write_readme_block(cfg: StudyConfig, results: dict[str, Any]) -> None:
@@ -417,7 +391,7 @@ def write_readme_block(cfg: StudyConfig, results: dict[str, Any]) -> None:
         for label, r in main["rows"].items():
             e = r["stats"].get(want, {})
             rows.append([label, *[_ms(e.get(k)) for k in cols]])
-        lines += [f"{main['title']}:", "", _md(["Row", *[COLUMNS[k] for k in cols]], rows), ""]
+        lines += [f"{main['title']}:", "", md_table(["Row", *[COLUMNS[k] for k in cols]], rows), ""]
     lines += [f"- {CLAIMS[k][0]}: the digits data **{WORD[v]}** it" + (" (not measured yet)" if not any(
         c["claim"] == k for c in results["comparisons"]) else "") for k, v in results["verdicts"].items()]
     if results["missing"]:
@@ -426,88 +400,3 @@ def write_readme_block(cfg: StudyConfig, results: dict[str, Any]) -> None:
               f"({rel}/report.md)."]
     block = "\n".join(lines) + "\n"
     atomic_text(readme, pattern.sub(lambda m: m.group(1) + block + m.group(2), text))
-
-
-VERDICT_WORDS = {S.SUPPORTED: "**supported**", S.CONTRADICTED: "**contradicted**",
-                 S.EQUIVALENT: "**equivalent** (no difference beyond +-MDD)", S.UNDERPOWERED: "**underpowered**"}
-
-
-def _pts(x: float | None, sign: bool = True) -> str:
-    return "-" if x is None else f"{100 * x:+.2f}" if sign else f"{100 * x:.2f}"
-
-
-def verdict_lines(cfg: StudyConfig, primary: dict[str, Any]) -> list[str]:
-    """The first section: the pre-registered verdicts, or why there are none yet."""
-    p = cfg.plan
-    lines = ["## Verdicts", ""]
-    if cfg.pilot:
-        return lines + [f"Pilot ({len(cfg.seeds)} seeds): no verdicts; the pilot picks the primary eps and estimates "
-                        "the paired SD for the power analysis below.", ""]
-    if not primary["registered"]:
-        return lines + [f"No verdicts: the plan is not registered (missing: {', '.join(p.missing())}).", ""]
-    lines += [f"Primary endpoint: students' {COLUMNS.get(p.attack, p.attack)} accuracy at L-inf eps {primary['eps']}, "
-              f"{p.table} at IPC {p.ipc}, paired over seeds; two-sided paired t-tests, Holm over {len(p.pairs)} "
-              f"comparison(s) at alpha {p.alpha}; equivalence by TOST within +-{100 * p.mdd:g} points (the MDD "
-              f"target); clean accuracy by non-inferiority (margin {100 * p.clean_margin:g} points).", ""]
-    rows = []
-    for pair, v in primary["pairs"].items():
-        ci = v["ci"]
-        rows.append([pair, str(v["n"]), f"{_pts(v['mean'])} [{_pts(ci['lo'])}, {_pts(ci['hi'])}]", f"{v['p']:.3g}",
-                     f"{v['p_holm']:.3g}", f"{100 * v['mdd']:.2f}", VERDICT_WORDS[v["verdict"]],
-                     f"{_pts(v['clean']['lower'])} vs -{100 * p.clean_margin:g}: {v['clean']['verdict']}"])
-    if rows:
-        lines += [_md(["comparison", "seeds", f"difference, points [{100 * (1 - p.alpha):g}% CI]", "p", "p (Holm)",
-                       "MDD achieved", "verdict", "clean: lower bound vs margin"], rows), ""]
-    lines += [f"- not analysed yet: {m}" for m in primary["missing"]]
-    return lines + ([""] if primary["missing"] else [])
-
-
-def plan_lines(cfg: StudyConfig, registration: dict[str, Any] | None) -> list[str]:
-    p, reg = cfg.plan, registration or {}
-    lines = ["## Pre-registered plan", "",
-             f"- primary: {COLUMNS.get(p.attack, p.attack)} at eps {fmt_eps(p.eps) if p.eps else '(unset)'}, pairs "
-             f"{', '.join(p.pairs) or '(unset)'} of {p.table} at IPC {p.ipc}; claimed sign {p.direction:+d}",
-             f"- n = {p.seeds or '(unset)'} paired seeds; stopping rule: {p.stopping_rule or '(unset)'}",
-             f"- alpha {p.alpha}, power {p.power}, MDD target {100 * p.mdd:g} points (also the TOST margin), clean "
-             f"non-inferiority margin {100 * p.clean_margin:g} points; pilot: first {p.pilot_seeds} seeds",
-             f"- plan hash (sha256 of the [plan] section): `{reg.get('sha256', '-')}`; registered when the main run "
-             f"first started: `{reg.get('registered') or 'not yet'}`"]
-    if reg.get("changed"):
-        lines.append(f"- **the plan changed after the main run started**: registered {reg['registered_plan']}")
-    return lines + [""]
-
-
-def gate_lines(summary: list[dict[str, Any]], gates: list[dict[str, Any]]) -> list[str]:
-    lines = ["## Stage gates", ""]
-    if not summary:
-        return lines + ["No gates declared ([gates] thresholds are 0).", ""]
-    word = {True: "pass", False: "**FAIL**", None: "not measured yet"}
-    lines += [_md(["gate", "rule", "threshold", "stages measured", "worst measured", "result"],
-                  [[g["gate"], g["rule"], f"{g['threshold']:.3f}", str(g["stages"]),
-                    "-" if g["worst"] is None else f"{g['worst']:.3f}", word[g["ok"]]] for g in summary]), ""]
-    line = G.failure_line(list(gates))
-    return lines + ([f"Stopped: {line}", ""] if line else [])
-
-
-def pilot_lines(cfg: StudyConfig, pilot: list[dict[str, Any]]) -> list[str]:
-    p = cfg.plan
-    lines = ["## Pilot", "", f"First {p.pilot_seeds} seeds, {COLUMNS.get(p.attack, p.attack)} at IPC {p.ipc}: the "
-             "primary eps is one where the baseline's robust accuracy lies in 20-60%; the paired SD there gives the "
-             f"n for an MDD of {100 * p.mdd:g} points at {100 * p.power:g}% power.", ""]
-    if not pilot:
-        return lines + ["No pilot cells finished yet.", ""]
-    rows = [[r["pair"], r["eps"], str(len(r["seeds"])), _pts(r["baseline_mean"], False), _pts(r["diff_mean"]),
-             "-" if r["sd"] is None else f"{100 * r['sd']:.2f}", str(r["n_needed"] or "-")] for r in pilot]
-    return lines + [_md(["pair", "eps", "seeds", "baseline %", "difference", "paired SD", "n for the MDD"], rows), ""]
-
-
-def power_lines(cfg: StudyConfig, power: list[dict[str, Any]]) -> list[str]:
-    lines = ["## Power analysis", "", "Minimum detectable difference of the two-sided paired t-test at "
-             f"{100 * cfg.plan.power:g}% power and alpha {cfg.plan.alpha} (noncentral t), at the observed paired SD "
-             "and n of the main run.", ""]
-    if not power:
-        return lines + ["Not available (no registered primary comparison with >= 2 paired seeds).", ""]
-    rows = [[r["pair"], str(r["n"]), f"{100 * r['sd']:.2f}", f"{100 * r['mdd']:.2f}", f"{100 * r['target']:g}",
-             f"{100 * r['power_at_target']:.0f}%", str(r["n_needed"])] for r in power]
-    return lines + [_md(["pair", "n", "paired SD (points)", "MDD achieved", "MDD target", "power at target",
-                         "n needed at this SD"], rows), ""]

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from guard_fast.distill.dc import guard_real_loss, match_distance
+from guard_fast.distill.gradmatch import guard_real_loss, match_distance
 from guard_fast.runtime.config import load_config
 from tests.conftest import ONE, PYTHON, REPO, copy_subset, subprocess_env
 

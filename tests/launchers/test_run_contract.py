@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from guard_fast.runtime.config import Radius, check_bounds, load_config
+from guard_fast.runtime.bounds import Radius, check_bounds
+from guard_fast.runtime.config import load_config
 from guard_fast.runtime.errors import ConfigError, GuardFastError
 from launchers.cli import COMMANDS
 from launchers.cli import run as cli_run

@@ -18,16 +18,14 @@ from guard_fast.models import build_model, save_checkpoint
 from guard_fast.robustness.curvature import (
     CurvatureConfig,
     PipelineCurvatureConfig,
-    combine,
     guard_step,
     measure_batch,
     power_iteration,
-    quantiles,
     run_curvature,
     start_vectors,
     top_eigenpairs,
-    write_outputs,
 )
+from guard_fast.robustness.curvature_report import combine, quantiles, write_outputs
 from guard_fast.runtime import config as C
 from guard_fast.runtime.config import DataConfig, parse_args
 from guard_fast.runtime.distributed import DistInfo
