@@ -33,6 +33,8 @@ from guard_fast.runtime.runfolder import (
 
 PACKAGES = ("torch", "torchvision", "triton", "deepspeed", "ffcv", "numpy", "torchattacks")
 
+ENV_FILE, RESUMES_FILE = "environment.json", "environment.jsonl"
+
 
 def git_sha() -> str:
     """SHA of the checkout guard_fast runs from ('unknown' outside git), with '-dirty' for uncommitted changes."""
@@ -93,7 +95,8 @@ class RunDir:
     """A run folder under the run-folder contract (runtime/runfolder.py). Nothing is written until `start()`, called
     once the run's inputs are checked and it is known to start: rank 0 then takes the folder's lock, checks the
     verdict again under it, (overwrite) removes the old run, and writes run.json, config.toml/config.json and
-    environment.json; metrics.jsonl is appended later.
+    environment.json (the environment that began the run; a later start that continues it, a resume or a cached
+    rerun, appends its own to environment.jsonl instead); metrics.jsonl is appended later.
 
     `kind`: the stage kind (the current @stage's). `resume`: None = the stage reuses finished work itself (an
     identical run continues); False = a fresh run; True = continue the run in the folder (`allow`: config keys it may
@@ -138,7 +141,11 @@ class RunDir:
             atomic_text(self.path / "config.toml", config_mod.to_toml(self.cfg))
             atomic_json(self.path / "config.json", config_mod.to_dict(self.cfg))
         atomic_json(self.path / RUN_FILE, record)
-        atomic_json(self.path / "environment.json", environment(self.device))
+        env = environment(self.device)
+        if now.action == "continue" and (self.path / ENV_FILE).is_file():
+            append_jsonl(self.path / RESUMES_FILE, env)  # environment.json stays the one that began the run
+        else:
+            atomic_json(self.path / ENV_FILE, env)
         return self
 
     def _run_record(self, now: Verdict) -> dict[str, Any]:

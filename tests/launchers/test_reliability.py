@@ -380,3 +380,36 @@ def test_old_environments_removed_only_when_unused(tmp_path):
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in cache.glob("venv-*")) == ["venv-new", "venv-used"]
     assert "keeping" in r.stdout and "venv-used" in r.stdout
+
+
+def test_a_continued_run_keeps_the_environment_that_began_it(tmp_path, monkeypatch):
+    """environment.json records the start that made the run (its git SHA, threads, ranks); a resume or a cached rerun
+    appends its own to environment.jsonl, and only a replacing run writes environment.json anew."""
+    from dataclasses import dataclass
+
+    from guard_fast.runtime import rundir
+    from guard_fast.runtime.runfolder import stage
+
+    @dataclass
+    class Toy:
+        lr: float = 0.1
+
+    starts = iter(range(5))
+    monkeypatch.setattr(rundir, "environment", lambda device=None: {"git_sha": f"start{next(starts)}"})
+    folder = tmp_path / "run"
+
+    @stage("toy")
+    def start(**kw) -> None:
+        rundir.RunDir(folder, Toy(), kind="toy", **kw).start()
+
+    def first() -> str:
+        return json.loads((folder / "environment.json").read_text())["git_sha"]
+
+    start()
+    start()  # an identical rerun continues (the stage reuses its finished work)
+    start(resume=True)
+    assert first() == "start0"
+    later = [json.loads(line)["git_sha"] for line in (folder / "environment.jsonl").read_text().splitlines()]
+    assert later == ["start1", "start2"]
+    start(overwrite=True)
+    assert first() == "start3" and not (folder / "environment.jsonl").exists()
