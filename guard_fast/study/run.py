@@ -42,7 +42,6 @@ from guard_fast.runtime.io import atomic_json
 from guard_fast.runtime.stagecache import STAGE_FILE, StageRunner
 from guard_fast.study import carry
 from guard_fast.study import gates as G
-from guard_fast.study.carry import carry_dir, carry_job, fingerprint, jobs_to_run
 from guard_fast.study.config import KNOBS, StudyConfig, candidates
 from guard_fast.study.plan import Plan, plan_study, settings_slug
 from guard_fast.study.report import write_study_report
@@ -209,7 +208,8 @@ def run_selection(cfg: StudyConfig, info: DistInfo, data: Path, ledger: dict[str
     reference = [Job(f"selection/reference/seed{seed}", selection_call(
         cfg, data, (), Path(cfg.runs_dir) / "selection" / "reference" / f"seed{seed}", seed, sel.reference),
         extra={"knob": "", "cand": ()}) for seed in seeds] if sel.score == "teacher" and jobs else []
-    run_jobs(jobs_to_run(cfg, info, reference + jobs), info, cfg.workers, lambda job: carry_job(cfg, info, job))
+    run_jobs(carry.jobs_to_run(cfg, info, reference + jobs), info, cfg.workers,
+             lambda job: carry.carry_job(cfg, info, job))
     if info.is_main:
         ref_clean = None
         if reference:
@@ -236,7 +236,7 @@ def run_selection(cfg: StudyConfig, info: DistInfo, data: Path, ledger: dict[str
                                          "score": sel.score, "reference_clean": ref_clean,
                                          "best": best["overrides"], "candidates": scored}
         atomic_json(Path(cfg.runs_dir) / LEDGER, ledger)
-        if (folder := carry_dir(cfg)) is not None:
+        if (folder := carry.carry_dir(cfg)) is not None:
             carry.save_study_files(Path(cfg.runs_dir), folder)
     return D.broadcast_object(ledger["selection"])
 
@@ -278,13 +278,13 @@ def run_cells(cfg: StudyConfig, info: DistInfo, plan: Plan, after_job: Callable[
     jobs = cell_jobs(cfg, plan)
 
     def done(job: Job) -> None:
-        carry_job(cfg, info, job)
+        carry.carry_job(cfg, info, job)
         line = D.broadcast_object(after_job() if info.is_main else None)
         if line:
             raise G.GateError(line)
 
     try:
-        run_jobs(jobs_to_run(cfg, info, jobs), info, cfg.workers, done)
+        run_jobs(carry.jobs_to_run(cfg, info, jobs), info, cfg.workers, done)
     except G.GateError:
         if info.is_main:
             after_job()  # a gate failed inside a job: the report still shows it
@@ -306,7 +306,7 @@ def cell_results(cfg: StudyConfig, plan: Plan) -> dict[str, dict[int, list[dict]
                 have = from_dict(PipelineConfig, json.loads((root / "config.json").read_text()))
             except (OSError, json.JSONDecodeError, ConfigError):
                 continue
-            if fingerprint(have) != fingerprint(pc):
+            if carry.fingerprint(have) != carry.fingerprint(pc):
                 continue
             for method in call.methods:
                 _, spec, _ = resolve(method)
@@ -342,7 +342,8 @@ def run_cost(cfg: StudyConfig, info: DistInfo, cost_fn: Callable[[Any, Path], di
 def pilot_config(cfg: StudyConfig) -> StudyConfig:
     """The pilot: the first plan.pilot_seeds seeds, its report in results_dir/pilot (its stages are the main run's)."""
     pilot = copy.deepcopy(cfg)
-    pilot.carry_dir = cfg.carry_dir or str(Path(cfg.results_dir) / "carry")  # the main run's: it reuses the pilot
+    folder = carry.carry_dir(cfg)  # the main run's: it reuses the pilot
+    pilot.carry_dir = "off" if folder is None else str(folder)
     pilot.seeds = cfg.seeds[: cfg.plan.pilot_seeds]
     pilot.results_dir = str(Path(cfg.results_dir) / "pilot")
     pilot.readme = ""
@@ -358,7 +359,7 @@ def run_study(cfg: StudyConfig, info: DistInfo, cost_fn: Callable[[Any, Path], d
         cfg = pilot_config(cfg)
     elif not cfg.report_only:
         cfg.require_plan()
-    if info.is_main and (folder := carry_dir(cfg)) is not None:
+    if info.is_main and (folder := carry.carry_dir(cfg)) is not None:
         carry.restore_study_files(Path(cfg.runs_dir), folder)  # a new checkout: the ledger and registered plan
     D.barrier()
     registration = plan_record(cfg, register=info.is_main and not (cfg.pilot or cfg.report_only))
@@ -381,7 +382,7 @@ def run_study(cfg: StudyConfig, info: DistInfo, cost_fn: Callable[[Any, Path], d
         return write_study_report(cfg, plan, cells, selected, cost, measure_gates(cfg, plan, cells), registration)
 
     if cfg.report_only:
-        jobs_to_run(cfg, info, cell_jobs(cfg, plan))  # a new checkout: the carried jobs' files, for the report
+        carry.jobs_to_run(cfg, info, cell_jobs(cfg, plan))  # a new checkout: the carried jobs' files, for the report
         return report() if info.is_main else {}
     run_cells(cfg, info, plan, lambda: G.failure_line(report()["gates"]))
     cost = run_cost(cfg, info, cost_fn)
