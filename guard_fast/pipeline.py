@@ -260,7 +260,7 @@ def write_report(cfg: PipelineConfig, root: Path, evaluations: list[tuple[str, i
         write_outputs(combine([json.loads(rec.path("curvature").read_text()) for rec in curvatures]), root)
         lines += ["## Input-Hessian curvature at real val images", "", "Per-model medians and quartiles: "
                   "[curvature.md](curvature.md).", "", "![curvature](curvature.png)", ""]
-    lines += ["## Stages", "", "| stage | cached | seconds |", "|---|---|---|",
+    lines += ["## Stages", "", "| stage | cached | seconds (when it ran) |", "|---|---|---|",
               *[f"| {s['stage']} | {'yes' if s['cached'] else 'no'} | {s['seconds']} |" for s in stages], "",
               "Per-student details (attack settings, wall time per attack): "
               + ", ".join(f"[{p}]({p.replace('evaluation.json', 'evaluation.md')})" for p in summary["evaluations"]),

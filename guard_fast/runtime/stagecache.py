@@ -41,6 +41,7 @@ class StageRecord:
     """output name -> path relative to the stage folder"""
     skipped: bool = False
     seconds: float = 0.0
+    """wall time of the run that made the outputs (for a skipped stage: when it ran, read from stage.json)"""
 
     def path(self, output: str) -> Path:
         return self.folder / self.outputs[output]
@@ -82,7 +83,8 @@ class StageRunner:
         self.done += 1
         prefix = f"[{self.done}/{self.total}] {name}"
         if cached:
-            rec = StageRecord(name, folder, key, have["completion_id"], have["outputs"], skipped=True)
+            rec = StageRecord(name, folder, key, have["completion_id"], have["outputs"], skipped=True,
+                              seconds=float(have.get("seconds", 0.0)))  # the time it took when it ran
             self.log(f"{prefix}: cached (key {key}), skipped")
             self.records.append(rec)
             return rec

@@ -40,7 +40,7 @@ def arm_stats(cfg: StudyConfig, plan: Plan, stats: dict[str, Any], label: str) -
 def primary_analysis(cfg: StudyConfig, plan: Plan, stats: dict[str, Any]) -> dict[str, Any]:
     """Verdicts of the registered family at the primary (attack, eps): Holm-adjusted paired t-tests, TOST within
     +-plan.mdd, MDD achieved; clean accuracy by non-inferiority (margin plan.clean_margin). Empty verdicts when the
-    plan is incomplete or a pair has fewer than 2 paired seeds."""
+    plan is incomplete or a pair has fewer paired seeds than the registered n (the report lists it as pending)."""
     p = cfg.plan
     out: dict[str, Any] = {"registered": not p.missing(), "attack": p.attack, "eps": fmt_eps(p.eps) if p.eps else None,
                            "pairs": {}, "missing": []}
@@ -51,8 +51,9 @@ def primary_analysis(cfg: StudyConfig, plan: Plan, stats: dict[str, Any]) -> dic
         a, b = (arm_stats(cfg, plan, stats, x) for x in parse_pair(pair))
         d, seeds = paired_values(a.get(out["eps"], {}).get(p.attack), b.get(out["eps"], {}).get(p.attack))
         c, _ = paired_values(a.get(out["eps"], {}).get("clean"), b.get(out["eps"], {}).get("clean"))
-        if len(d) < 2 or len(c) < 2:
-            out["missing"].append(f"{pair}: {len(d)} paired seeds")
+        if len(d) < max(2, p.seeds) or len(c) < max(2, p.seeds):
+            # the stopping rule: no verdict (and no primary difference) before all n registered seeds are in
+            out["missing"].append(f"{pair}: {len(d)} of {p.seeds} registered paired seeds")
             continue
         family[pair], clean[pair] = d, c
         out["pairs"][pair] = {"seeds": seeds, "diffs": d, "ci": S.paired(d, [0.0] * len(d), 1 - p.alpha)}

@@ -31,6 +31,7 @@ from guard_fast.study.report_sections import (
     pilot_lines,
     plan_lines,
     power_lines,
+    primary_readme_lines,
     selection_lines,
     verdict_lines,
 )
@@ -370,7 +371,7 @@ def cost_lines(cfg: StudyConfig, costs: list[dict[str, Any]], cost: dict[str, An
 
 def write_readme_block(cfg: StudyConfig, results: dict[str, Any]) -> None:
     """Rewrite the README block '<!-- NAME:begin -->'...'<!-- NAME:end -->' (NAME = results_dir's folder name) with
-    Table 1/2's first eps >= report_eps, the claim verdicts and links; skipped when the markers are absent."""
+    the primary verdicts, Table 1/2 at report_eps, the claim verdicts and links; skipped when the markers are absent."""
     if not cfg.readme or not Path(cfg.readme).is_file():
         return
     readme = Path(cfg.readme)
@@ -382,17 +383,16 @@ def write_readme_block(cfg: StudyConfig, results: dict[str, Any]) -> None:
         return
     rel = Path(os.path.relpath(Path(cfg.results_dir).resolve(), readme.resolve().parent)).as_posix()
     main = next((t for t in results["tables"].values() if t["rows"]), None)
-    want = fmt_eps(cfg.report_eps)
-    lines = [("Quick smoke configuration (not the study): " if cfg.quick else "")
-             + f"accuracy (%) at L-inf eps = {want}, mean ± std over seeds {cfg.seeds}, whole val split.", ""]
+    want, data = fmt_eps(cfg.report_eps), cfg.pipeline.data.dataset
+    n_eval = cfg.pipeline.evaluate.num_images
+    lines = [*primary_readme_lines(cfg, results["primary"]), ("Quick smoke configuration (not the study): " if
+             cfg.quick else "") + f"accuracy (%) at L-inf eps = {want}, mean ± std over seeds {cfg.seeds}, "
+             + (f"a seeded {n_eval}-image subset of the val split." if n_eval else "the whole val split."), ""]
     if main:
-        rows = []
         cols = planned_columns(cfg)
-        for label, r in main["rows"].items():
-            e = r["stats"].get(want, {})
-            rows.append([label, *[_ms(e.get(k)) for k in cols]])
+        rows = [[label, *[_ms(r["stats"].get(want, {}).get(k)) for k in cols]] for label, r in main["rows"].items()]
         lines += [f"{main['title']}:", "", md_table(["Row", *[COLUMNS[k] for k in cols]], rows), ""]
-    lines += [f"- {CLAIMS[k][0]}: the digits data **{WORD[v]}** it" + (" (not measured yet)" if not any(
+    lines += [f"- {CLAIMS[k][0]} (secondary): the {data} data **{WORD[v]}** it" + (" (not measured yet)" if not any(
         c["claim"] == k for c in results["comparisons"]) else "") for k, v in results["verdicts"].items()]
     if results["missing"]:
         lines.append(f"- missing cells: {len(results['missing'])} (listed in the report)")

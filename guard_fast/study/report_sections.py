@@ -51,6 +51,21 @@ def verdict_lines(cfg: StudyConfig, primary: dict[str, Any]) -> list[str]:
     return lines + ([""] if primary["missing"] else [])
 
 
+def primary_readme_lines(cfg: StudyConfig, primary: dict[str, Any]) -> list[str]:
+    """The pre-registered verdicts in one line per pair, or why there are none yet (first in the README block)."""
+    p = cfg.plan
+    if cfg.pilot or not primary["registered"]:
+        return []
+    what = f"students' {COLUMNS.get(p.attack, p.attack)} accuracy at eps {primary['eps']}, IPC {p.ipc}"
+    lines = [f"- **Primary (pre-registered): {pair}**, {what}, {v['n']} paired seeds: {100 * v['mean']:+.2f} points "
+             f"[{100 * v['ci']['lo']:+.2f}, {100 * v['ci']['hi']:+.2f}] ({100 * (1 - p.alpha):g}% CI), Holm p "
+             f"{v['p_holm']:.3g}, MDD {100 * v['mdd']:.2f}: **{v['verdict']}**; clean accuracy non-inferior "
+             f"(margin {100 * p.clean_margin:g} points): {v['clean']['verdict']}"
+             for pair, v in primary["pairs"].items()]
+    lines += [f"- Primary (pre-registered): {m}; no verdict until all are in" for m in primary["missing"]]
+    return lines + [""]
+
+
 def plan_lines(cfg: StudyConfig, registration: dict[str, Any] | None) -> list[str]:
     p, reg = cfg.plan, registration or {}
     lines = ["## Pre-registered plan", "",

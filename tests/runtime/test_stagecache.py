@@ -38,6 +38,19 @@ def test_rerun_skips_everything(tmp_path):
     assert json.loads((tmp_path / "c" / "stage.json").read_text())["outputs"] == {"out": "out.txt"}
 
 
+def test_a_skipped_stage_reports_the_time_it_took_when_it_ran(tmp_path):
+    """A cached rerun's report keeps each stage's cost (it had written 0 s over the carried record)."""
+    first = _pipeline(tmp_path, [])
+    record = json.loads((tmp_path / "b" / "stage.json").read_text())
+    record["seconds"] = 123.45  # as if b had taken that long
+    (tmp_path / "b" / "stage.json").write_text(json.dumps(record))
+    again = _pipeline(tmp_path, [])
+    assert all(r.skipped for r in again)
+    assert again[1].seconds == 123.45 and again[2].seconds == json.loads(
+        (tmp_path / "c" / "stage.json").read_text())["seconds"]
+    assert [r.skipped for r in first] == [False, False, False]
+
+
 def test_deleted_output_reruns_it_and_dependents_only(tmp_path):
     calls = []
     _pipeline(tmp_path, calls)

@@ -240,6 +240,36 @@ def test_pilot_needs_no_plan_and_writes_beside_the_main_report(tmp_path, monkeyp
     assert not (tmp_path / "plan.json").exists()  # a pilot registers nothing
 
 
+def _made_up_study(tmp_path, extra=(), with_results=None):
+    """The digits preset reduced to GUARD vs SRe2L at IPC 10, with made-up per-seed numbers for `with_results` seeds
+    (default: every seed): GUARD gains N(3, 1) points of PGD-100 at each eps. Returns (cfg, plan, cells, base, gain)."""
+    import numpy as np
+
+    from guard_fast.study.config import load_study
+    from guard_fast.study.plan import Plan
+
+    cfg = load_study(["--config", str(PRESET), f"--runs_dir={tmp_path}", f"--results_dir={tmp_path / 'res'}",
+                      "--readme=", "--figures=[]", "--table3.rows=[]", "--table3.pairs=[]", "--table5.rows=[]",
+                      "--table5.pairs=[]", "--table12.rows=[\"sre2l:teacher=guard | @guard\",\"sre2l:teacher=none\"]",
+                      "--table12.pairs=[\"GUARD vs SRe2L\"]", "--table12.ipc=[10]", *extra])
+    seeds = cfg.seeds if with_results is None else cfg.seeds[:with_results]
+    rng = np.random.default_rng(3)
+    eps = [1 / 255, 2 / 255, 4 / 255, 8 / 255]
+    base = {s: rng.uniform(0.3, 0.5, 4) for s in seeds}
+    gain = {s: rng.normal(0.03, 0.01, 4) for s in seeds}
+
+    def rows(guard: bool) -> dict[int, list[dict]]:
+        return {s: [{"label": "x", "eps": e, "clean": 0.8 + (0.005 * s if guard else 0.0),
+                     "pgd100": base[s][i] + (gain[s][i] if guard else 0.0)} for i, e in enumerate(eps)]
+                for s in seeds}
+
+    plan = Plan(cells={("table12", "GUARD", 10): "beta/GUARD IPC 10", ("table12", "SRe2L", 10): "base/SRe2L IPC 10"})
+    return cfg, plan, {"beta/GUARD IPC 10": rows(True), "base/SRe2L IPC 10": rows(False)}, base, gain
+
+
+REGISTRATION = {"sha256": "abc", "registered": "abc", "registered_plan": None, "changed": False}
+
+
 def test_report_opens_with_verdicts_and_headline_and_recomputes_the_primary_test(tmp_path):
     """write_study_report on made-up per-seed numbers: section order (verdicts, headline figure, settings, plan,
     gates, pilot, power, secondary), and the primary comparison = scipy's paired t-test, Holm over a family of
@@ -248,30 +278,12 @@ def test_report_opens_with_verdicts_and_headline_and_recomputes_the_primary_test
     from scipy import stats as sps
 
     from guard_fast.study import stats as S
-    from guard_fast.study.config import load_study
-    from guard_fast.study.plan import Plan
     from guard_fast.study.report import write_study_report
 
-    cfg = load_study(["--config", str(PRESET), f"--runs_dir={tmp_path}", f"--results_dir={tmp_path / 'res'}",
-                      "--readme=", "--figures=[]", "--table3.rows=[]", "--table3.pairs=[]", "--table5.rows=[]",
-                      "--table5.pairs=[]", "--table12.rows=[\"sre2l:teacher=guard | @guard\",\"sre2l:teacher=none\"]",
-                      "--table12.pairs=[\"GUARD vs SRe2L\"]", "--table12.ipc=[10]"])
-    rng = np.random.default_rng(3)
-    eps = [1 / 255, 2 / 255, 4 / 255, 8 / 255]
-    base = {s: rng.uniform(0.3, 0.5, 4) for s in cfg.seeds}
-    gain = {s: rng.normal(0.03, 0.01, 4) for s in cfg.seeds}
-
-    def rows(guard: bool) -> dict[int, list[dict]]:
-        return {s: [{"label": "x", "eps": e, "clean": 0.8 + (0.005 * s if guard else 0.0),
-                     "pgd100": base[s][i] + (gain[s][i] if guard else 0.0)} for i, e in enumerate(eps)]
-                for s in cfg.seeds}
-
-    plan = Plan(cells={("table12", "GUARD", 10): "beta/GUARD IPC 10", ("table12", "SRe2L", 10): "base/SRe2L IPC 10"})
-    cells = {"beta/GUARD IPC 10": rows(True), "base/SRe2L IPC 10": rows(False)}
+    cfg, plan, cells, base, gain = _made_up_study(tmp_path)
     gates = [{"gate": "teacher_min", "where": "seed0/base/teachers/none", "measured": 0.9, "threshold": 0.5,
               "ok": True}]
-    res = write_study_report(cfg, plan, cells, {}, None, gates, {"sha256": "abc", "registered": "abc",
-                                                                 "registered_plan": None, "changed": False})
+    res = write_study_report(cfg, plan, cells, {}, None, gates, REGISTRATION)
     report = (tmp_path / "res/report.md").read_text()
     heads = [ln for ln in report.splitlines() if ln.startswith("## ")]
     assert heads[:7] == ["## Verdicts", "## Settings", "## Pre-registered plan", "## Stage gates", "## Pilot",
@@ -293,6 +305,29 @@ def test_report_opens_with_verdicts_and_headline_and_recomputes_the_primary_test
     pilot = {r["eps"]: r for r in res["pilot"]}
     assert pilot["4/255"]["sd"] == pytest.approx(d.std(ddof=1)) and pilot["4/255"]["n_needed"] == S.n_for_mdd(
         d.std(ddof=1), 0.02)
+
+
+def test_no_verdict_before_every_registered_seed_is_in_and_the_readme_says_so(tmp_path):
+    """The stopping rule: with 3 of 5 registered seeds the primary family gets no verdict (the report and the README
+    block say pending); with all 5 the README block leads with the verdict, names the data and the test subset."""
+    from guard_fast.study.report import write_study_report
+
+    readme = tmp_path / "README.md"
+    extra = ["--seeds=[0,1,2,3,4]", "--plan.seeds=5", f"--readme={readme}", "--pipeline.data.dataset=fashion-mnist",
+             "--pipeline.evaluate.num_images=5000"]
+    for n, verdict in ((3, False), (5, True)):
+        readme.write_text("# x\n\n<!-- res:begin -->\nold\n<!-- res:end -->\n")
+        cfg, plan, cells, _, _ = _made_up_study(tmp_path, extra, with_results=n)
+        res = write_study_report(cfg, plan, cells, {}, None, [], REGISTRATION)
+        report, block = (tmp_path / "res/report.md").read_text(), readme.read_text()
+        assert bool(res["primary"]["pairs"]) is verdict
+        pending = f"GUARD vs SRe2L: {n} of 5 registered paired seeds"
+        assert (pending in report and pending in block and "no verdict until all are in" in block) is not verdict
+        if verdict:
+            v = res["primary"]["pairs"]["GUARD vs SRe2L"]
+            assert v["n"] == 5 and f"5 paired seeds: {100 * v['mean']:+.2f} points" in block
+            assert f"**{v['verdict']}**" in block and "| GUARD vs SRe2L | 5 |" in report
+        assert "the fashion-mnist data" in block and "digits" not in block and "5000-image subset" in block
 
 
 # --- carried across checkouts --------------------------------------------------------------------------------------
