@@ -187,14 +187,14 @@ def image_size(cfg: StudyConfig) -> int:
     return cfg.pipeline.data.image_size or (spec.image_size if spec else 224)
 
 
-def claim_words(key: str, comps: list[dict[str, Any]]) -> list[str]:
+def claim_words(key: str, comps: list[dict[str, Any]], data: str) -> list[str]:
     """The claim's overall verdict in words, its counts, and one line per (table, pair)."""
     title, what, _ = CLAIMS[key]
     vs = [c["verdict"] for c in comps]
     if not comps:
         return [f"- **{title}** ({what}): not measured in this run.", ""]
     word = WORD[S.overall(vs)]
-    lines = [f"- **{title}** ({what}): the digits data **{word}** this claim. Of {len(vs)} comparisons, "
+    lines = [f"- **{title}** ({what}): the {data} data **{word}** this claim. Of {len(vs)} comparisons, "
              f"{vs.count(S.SUPPORT)} support it, {vs.count(S.CONTRADICT)} contradict it, "
              f"{vs.count(S.UNCLEAR)} cannot tell."]
     if key == "clean":
@@ -308,7 +308,7 @@ def write_study_report(cfg: StudyConfig, plan: Plan, cells: dict[str, dict[int, 
                                           "case); otherwise cannot tell. No correction for the many comparisons: "
                                           "expect about 5% false verdicts at 95%.", ""]
     for key in CLAIMS:
-        lines += claim_words(key, [c for c in comparisons if c["claim"] == key])
+        lines += claim_words(key, [c for c in comparisons if c["claim"] == key], cfg.pipeline.data.dataset)
     lines += body + cost_lines(cfg, costs, cost) + selection_lines(cfg, selected)
     lines += [f"![{cap}]({p})\n" for cap, p in figures]
     atomic_json(out / "results.json", results)

@@ -328,6 +328,7 @@ def test_no_verdict_before_every_registered_seed_is_in_and_the_readme_says_so(tm
             assert v["n"] == 5 and f"5 paired seeds: {100 * v['mean']:+.2f} points" in block
             assert f"**{v['verdict']}**" in block and "| GUARD vs SRe2L | 5 |" in report
         assert "the fashion-mnist data" in block and "digits" not in block and "5000-image subset" in block
+        assert "the fashion-mnist data **" in report and "digits data" not in report
 
 
 # --- carried across checkouts --------------------------------------------------------------------------------------
