@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from guard_fast import reproduce_carry as carry
 from guard_fast.data.synthetic import write_synthetic
 from guard_fast.distill.dc import run_dc
 from guard_fast.methods.base import stage_config
@@ -103,7 +104,8 @@ def one_cpu() -> Any:
 
 def run_unit(preset: str, overrides: list[str], root: str, cell: Cell, draw: int, model: int) -> dict:
     """Train and test one student (for dc / dsa, distilling its set first unless cached); writes the unit's JSON.
-    CPU seconds are this process's (one thread, no loader workers), distillation counted once, in model 0's unit."""
+    CPU seconds are this process's (one thread, no loader workers); the distillation's are counted once, in the
+    unit that finished it, over every sitting it took (result.json's cpu_s)."""
     torch.set_num_threads(1)
     start_cpu, start_wall = time.process_time(), time.time()
     pipeline = load_config(PipelineConfig, preset, overrides)
@@ -116,9 +118,11 @@ def run_unit(preset: str, overrides: list[str], root: str, cell: Cell, draw: int
         if not (images / "result.json").is_file():
             d = stage_cfg(pipeline, DISTILL[cell.method], images, draw)
             d.ipc, d.dsa, d.guard = cell.ipc, cell.method == "dsa", False
-            t0 = time.process_time()
-            run_dc(d, one_cpu())
-            distill_cpu = time.process_time() - t0
+            made = run_dc(d, one_cpu())
+            if "stopped_at_iteration" in made:
+                raise GuardFastError(f"{images}: the distillation stopped at iteration {made['stopped_at_iteration']}"
+                                     " (dc.stop_after); a unit needs the finished set")
+            distill_cpu = made["cpu_s"]
     tr = stage_cfg(pipeline, STUDENT[cell.method], base / f"model{model}", draw * 1000 + model)
     tr.images, tr.resume = str(images), True
     result = run_train_hard(tr, one_cpu())
@@ -175,12 +179,22 @@ def _worker_init() -> None:
 
 
 def run_cells(preset: str, overrides: list[str], root: Path, cells: list[Cell], draws: int, models: int,
-              procs: int, report: Path, command: str) -> dict:
+              procs: int, report: Path, command: str, carry_every_s: float = 120.0) -> dict:
     """Run every missing unit of `cells` (draw-major), at most `procs` at a time; the report is rewritten after
-    each finished unit, so an interrupted run leaves a report of what finished."""
+    each finished unit, so an interrupted run leaves a report of what finished, and the distillations are carried
+    (finished or not) to <report>-carry/ every `carry_every_s` seconds (guard_fast/reproduce_carry.py)."""
     if not 1 <= procs <= 2:
         raise GuardFastError(f"--procs {procs}: 1 or 2 (two one-thread processes are the fastest here)")
     restore_units(root, report, preset, overrides, cells)
+    record = {"preset": preset, "overrides": list(overrides)}
+    names = tuple(DISTILL)
+    carry.restore(root, carry.carry_dir(report), [c.name for c in cells], record, names)
+    with carry.Saver(root, carry.carry_dir(report), record, names, carry_every_s) as saver:
+        return _run_units(preset, overrides, root, cells, draws, models, procs, report, command, saver)
+
+
+def _run_units(preset: str, overrides: list[str], root: Path, cells: list[Cell], draws: int, models: int,
+               procs: int, report: Path, command: str, saver: carry.Saver) -> dict:
     todo = [(c, d, m) for c in cells for d in range(draws) for m in range(models)
             if not unit_path(root, c, d, m).is_file()]
     data = Path(load_config(PipelineConfig, preset, overrides).data.path)
@@ -198,6 +212,7 @@ def run_cells(preset: str, overrides: list[str], root: Path, cells: list[Cell], 
     if procs == 1:  # in this process, in order (a distilling model 0 comes first within its draw)
         for u in first + later:
             report_unit(run_unit(preset, overrides, str(root), *u))
+            saver.now()
             write_report(root, cells, draws, models, report, command, overrides)
         return write_report(root, cells, draws, models, report, command, overrides)
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"  # inherited by the spawned workers
@@ -207,6 +222,7 @@ def run_cells(preset: str, overrides: list[str], root: Path, cells: list[Cell], 
             for fut in as_completed(list(pending)):
                 unit = pending.pop(fut)
                 report_unit(fut.result())
+                saver.now()
                 ready = [u for u in later if u[0] == unit[0] and u[1] == unit[1]]
                 for u in ready:
                     later.remove(u)

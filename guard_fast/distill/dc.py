@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ from guard_fast.data.dsa import STRATEGY, apply_dsa_in, check_strategy, sample_d
 from guard_fast.data.presets import resolve_dataset
 from guard_fast.data.synthetic import class_names, save_grid, to_uint8, write_synthetic
 from guard_fast.distill.gradmatch import guard_real_loss, match_distance
-from guard_fast.distill.imagestate import resume_state, save_state, seeded
+from guard_fast.distill.imagestate import resume_state, save_state, saved_cpu, seeded
 from guard_fast.models import Classifier, ModelConfig, model_from_config
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.bounds import NonNegative, Positive, Radius
@@ -354,6 +355,7 @@ def run_dc(cfg: DCConfig, info: DistInfo) -> dict[str, Any]:
     run.start()  # inputs checked: write the run's record
     state_path = run.path / "state.pt"
     start = resume_state(state_path, key, u, opt, info.device, "dc resume state")
+    cpu0 = time.process_time() - saved_cpu(state_path)  # earlier sittings' CPU counts: result.json's cpu_s is the total
     bar = tqdm(total=cfg.iterations, initial=start, desc=method_name(cfg),
                disable=not (info.is_main and cfg.output.progress))
     for it in range(start, cfg.iterations):
@@ -368,11 +370,12 @@ def run_dc(cfg: DCConfig, info: DistInfo) -> dict[str, Any]:
             run.log({"iteration": it + 1, "match_loss": value})
             bar.set_postfix(match=f"{value:.3g}")
         if cfg.ckpt_every and (it + 1) % cfg.ckpt_every == 0 and it + 1 < cfg.iterations:
-            save_state(info, state_path, key, u, opt, it + 1)
+            save_state(info, state_path, key, u, opt, it + 1, cpu_s=time.process_time() - cpu0)
     bar.close()
     result: dict[str, Any] = {}
     if info.is_main:
-        result = write_result(cfg, run.path, u, probe, spec.num_classes, spec.image_size, key)
+        result = write_result(cfg, run.path, u, probe, spec.num_classes, spec.image_size, key,
+                              cpu_s=time.process_time() - cpu0)
     D.barrier()
     return D.broadcast_object(result)
 
@@ -384,9 +387,9 @@ def method_name(cfg: DCConfig) -> str:
 
 
 def write_result(cfg: DCConfig, root: Path, u: torch.Tensor, model: Classifier, num_classes: int, size: int,
-                 key: str) -> dict[str, Any]:
+                 key: str, cpu_s: float) -> dict[str, Any]:
     """Synthetic-set format (images/, pixels.pt, manifest.json) + grid.png + images.pt (the optimized tensors, in
-    the units of cfg.space) + result.json (rank 0)."""
+    the units of cfg.space) + result.json (rank 0; cpu_s: rank 0's CPU seconds over every sitting of the run)."""
     x = to_pixels(cfg, model, u.detach()).cpu()  # (N, 3, S, S) pixel units, unclamped
     labels = torch.arange(num_classes).repeat_interleave(cfg.ipc)
     atomic_torch_save(root / "images.pt", {"key": key, "images": u.detach().cpu(), "labels": labels,
@@ -399,6 +402,6 @@ def write_result(cfg: DCConfig, root: Path, u: torch.Tensor, model: Classifier, 
     manifest = write_synthetic(root, pixels, items, class_names(cfg.data, num_classes), meta, floats=x)
     save_grid(root / "grid.png", pixels, labels, cfg.grid_classes)
     result = {"images": len(items), "ipc": cfg.ipc, "classes": num_classes, "guard": cfg.guard, "dsa": cfg.dsa,
-              "content_hash": manifest["content_hash"]}
+              "content_hash": manifest["content_hash"], "cpu_s": round(cpu_s, 3)}
     atomic_json(root / "result.json", result)
     return result

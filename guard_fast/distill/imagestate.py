@@ -25,11 +25,18 @@ def seeded(*parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed % (2**63))
 
 
-def save_state(info: DistInfo, path: Path, key: str, u: torch.Tensor, opt, iteration: int) -> None:
+def save_state(info: DistInfo, path: Path, key: str, u: torch.Tensor, opt, iteration: int,
+               cpu_s: float = 0.0) -> None:
+    """`cpu_s`: rank 0's process CPU seconds spent on the run so far, over every sitting (saved_cpu reads it)."""
     if info.is_main:
         atomic_torch_save(path, {"key": key, "iteration": iteration, "images": u.detach().cpu(),
-                                 "optimizer": opt.state_dict()})
+                                 "optimizer": opt.state_dict(), "cpu_s": float(cpu_s)})
     D.barrier()
+
+
+def saved_cpu(path: Path) -> float:
+    """The CPU seconds a saved state records (0 without a state file or from a state saved before they were)."""
+    return float(safe_load(path, map_location="cpu").get("cpu_s", 0.0)) if path.is_file() else 0.0
 
 
 def resume_state(path: Path, key: str, u: torch.Tensor, opt, device: torch.device, what: str) -> int:

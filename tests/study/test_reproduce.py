@@ -98,3 +98,87 @@ def test_bad_cells_and_process_counts_are_refused(tmp_path):
         parse_cells("dm:1")
     with pytest.raises(GuardFastError, match="--procs 3"):
         run_cells(PRESET, [], tmp_path, [Cell("dc", 1)], 1, 1, 3, tmp_path / "r", "")
+
+
+class _Cut(Exception):
+    """The machine goes away mid-distillation."""
+
+
+def test_a_distillation_is_carried_across_checkouts_and_resumes_where_it_stopped(tiny_fmnist, tmp_path,
+                                                                                 monkeypatch):
+    """runs/ is not committed: an interrupted DC distillation is carried (at its last checkpoint) to
+    <report>-carry/, a new checkout resumes it from there and gets the uninterrupted run's images, and a later
+    checkout trains more students on the carried finished set without distilling again."""
+    from guard_fast.distill import dc as dc_module
+    from guard_fast.reproduce_carry import carry_dir, progress
+
+    over = [f"--data.path={tiny_fmnist}", "--dc.iterations=4", "--dc.batch_real=4", "--dc.model.width=4",
+            "--dc.ckpt_every=1", "--train_hard.model.width=4", "--train_hard.optim.epochs=1"]
+    cell = [Cell("dc", 1)]
+    ref = run_cells(PRESET, over, tmp_path / "ref", cell, 1, 1, 1, tmp_path / "ref-rep", "c")
+    want = torch.load(tmp_path / "ref/dc-ipc1/draw0/dc/images.pt", weights_only=True)["images"]
+
+    real_step, ran = dc_module.outer_iteration, []
+
+    def step(cfg, info, net, u, opt, real, it, stop_at=None):
+        if it == stop_at:
+            raise _Cut(f"cut at iteration {it}")
+        ran.append(it)
+        return real_step(cfg, info, net, u, opt, real, it)
+
+    monkeypatch.setattr(dc_module, "outer_iteration", lambda *a: step(*a, stop_at=2))
+    with pytest.raises(_Cut):  # checkout A: two iterations, then the machine goes away
+        run_cells(PRESET, over, tmp_path / "a", cell, 1, 1, 1, tmp_path / "rep", "c")
+    carried = carry_dir(tmp_path / "rep") / "dc-ipc1" / "draw0" / "dc"
+    assert ran == [0, 1] and progress(carried) == (0, 2) and not (carried / "result.json").exists()
+    assert json.loads((carried / "carry.json").read_text()) == {"preset": PRESET, "overrides": over}
+
+    ran.clear()
+    monkeypatch.setattr(dc_module, "outer_iteration", lambda *a: step(*a))
+    out = run_cells(PRESET, over, tmp_path / "b", cell, 1, 1, 1, tmp_path / "rep", "c")  # checkout B: new runs/
+    assert ran == [2, 3]  # resumed at the carried iteration
+    got = torch.load(tmp_path / "b/dc-ipc1/draw0/dc/images.pt", weights_only=True)["images"]
+    assert torch.equal(got, want) and out["units"][0]["acc"] == ref["units"][0]["acc"]
+    assert progress(carried) == (1, 0) and (carried / "images.pt").is_file()
+    # the unit counts the distillation's CPU over both sittings (what it saved at iteration 2, plus this one's)
+    assert out["units"][0]["distill_cpu_s"] == json.loads((carried / "result.json").read_text())["cpu_s"] > 0
+
+    monkeypatch.setattr(dc_module, "outer_iteration", lambda *a: pytest.fail("a carried finished set distilled"))
+    out = run_cells(PRESET, over, tmp_path / "c", cell, 1, 2, 1, tmp_path / "rep", "c")  # checkout C: 2 models
+    assert [u["model"] for u in out["units"]] == [0, 1] and out["units"][1]["distill_cpu_s"] == 0
+    with pytest.raises(GuardFastError, match="carry.json: distilled with preset"):  # one protocol per carried set
+        reproduce.carry.restore(tmp_path / "d", carry_dir(tmp_path / "rep"), ["dc-ipc1"],
+                                {"preset": PRESET, "overrides": over[:-1]}, ("dc", "dsa"))
+
+
+def test_the_carry_thread_keeps_up_with_a_running_distillation_and_leaves_students_out(tmp_path):
+    """A machine can vanish without any exit handler running: the periodic copy alone has to carry the newest
+    checkpoint (and never the students' folders, which hold weights)."""
+    import time
+
+    from guard_fast.reproduce_carry import Saver, progress
+
+    root, carry = tmp_path / "runs", tmp_path / "carry"
+    dc_dir, student = root / "dc-ipc1" / "draw0" / "dc", root / "dc-ipc1" / "draw0" / "model0"
+    student.mkdir(parents=True)
+    (student / "result.json").write_text("{}")
+    dc_dir.mkdir(parents=True)
+
+    def saved(it: int) -> None:
+        torch.save({"key": "k", "iteration": it, "images": torch.zeros(1)}, dc_dir / "state.pt")
+
+    def wait_for(want) -> bool:
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            done = carry / "dc-ipc1" / "draw0" / "dc"
+            if done.is_dir() and progress(done) == want:
+                return True
+            time.sleep(0.02)
+        return False
+
+    saved(3)
+    with Saver(root, carry, {"preset": "p", "overrides": []}, ("dc", "dsa"), every_s=0.05):
+        assert wait_for((0, 3))
+        saved(5)
+        assert wait_for((0, 5))
+    assert not (carry / "dc-ipc1" / "draw0" / "model0").exists()
