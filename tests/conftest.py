@@ -42,6 +42,14 @@ def subprocess_env() -> dict[str, str]:
 LAUNCHERS = ("python", "torchrun", "deepspeed")
 
 
+def _inductor_load_probe(args) -> bool:
+    """torch.compile's one-off check that its compiled vector-ISA test library loads (`python -c` running
+    cdll.LoadLibrary, torch/_inductor/cpu_vec_isa.py `_probe_load`): a machine whose inductor cache is fresh runs it
+    on its first compile (a warm cache skips it), so it is torch's probe, not a launch of ours."""
+    return (isinstance(args, (list, tuple)) and len(args) == 3 and args[1] == "-c"
+            and "cdll.LoadLibrary" in str(args[2]))
+
+
 def _guard_launches(message: str):
     """Patch subprocess.Popen so launching Python (a launcher, torchrun, deepspeed) raises `message`; other
     programs (git) still run. Returns the original __init__."""
@@ -49,7 +57,7 @@ def _guard_launches(message: str):
 
     def guarded(self, args, *a, **k):
         first = Path(str(args[0] if isinstance(args, (list, tuple)) else str(args).split()[0])).name
-        if first.startswith(LAUNCHERS) or first == Path(PYTHON).name:
+        if (first.startswith(LAUNCHERS) or first == Path(PYTHON).name) and not _inductor_load_probe(args):
             raise AssertionError(f"{message} (it starts {first!r})")
         real(self, args, *a, **k)
 
