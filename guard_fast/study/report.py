@@ -371,7 +371,8 @@ def cost_lines(cfg: StudyConfig, costs: list[dict[str, Any]], cost: dict[str, An
 
 def write_readme_block(cfg: StudyConfig, results: dict[str, Any]) -> None:
     """Rewrite the README block '<!-- NAME:begin -->'...'<!-- NAME:end -->' (NAME = results_dir's folder name) with
-    the primary verdicts, Table 1/2 at report_eps, the claim verdicts and links; skipped when the markers are absent."""
+    the primary verdicts, Table 1/2 at report_eps, the claim verdicts and links (while registered seeds are missing:
+    only the seeds in so far); skipped when the markers are absent."""
     if not cfg.readme or not Path(cfg.readme).is_file():
         return
     readme = Path(cfg.readme)
@@ -385,6 +386,15 @@ def write_readme_block(cfg: StudyConfig, results: dict[str, Any]) -> None:
     main = next((t for t in results["tables"].values() if t["rows"]), None)
     want, data = fmt_eps(cfg.report_eps), cfg.pipeline.data.dataset
     n_eval = cfg.pipeline.evaluate.num_images
+    if results["primary"]["missing"] and results["primary"]["registered"] and not cfg.pilot:
+        seeds_in = ", ".join(f"{label} {r['stats'].get(want, {}).get('clean', {}).get('n', 0)}/{len(cfg.seeds)}"
+                             for label, r in (main["rows"].items() if main else []))
+        lines = [*primary_readme_lines(cfg, results["primary"]), f"Seeds in so far: {seeds_in}. The rows, the paired "
+                 "differences and every claim's verdict are withheld here until all registered seeds are in (the "
+                 "stopping rule: no interim look at the primary difference).", "",
+                 f"Report so far: [{rel}/report.md]({rel}/report.md)."]
+        atomic_text(readme, pattern.sub(lambda m: m.group(1) + "\n".join(lines) + "\n" + m.group(2), text))
+        return
     lines = [*primary_readme_lines(cfg, results["primary"]), ("Quick smoke configuration (not the study): " if
              cfg.quick else "") + f"accuracy (%) at L-inf eps = {want}, mean ± std over seeds {cfg.seeds}, "
              + (f"a seeded {n_eval}-image subset of the val split." if n_eval else "the whole val split."), ""]
