@@ -377,3 +377,17 @@ def test_a_new_checkout_resumes_the_study_from_its_carried_jobs(digits_subset, t
     r = study(args)
     assert ": running" not in r.stdout and "restored from" in r.stdout, r.stdout[-3000:]
     assert json.loads((tmp_path / "res/results.json").read_text())["cells"] == first and first
+
+
+def test_compute_spent_counts_the_stages_of_the_reports_own_seeds(tmp_path):
+    """A pilot's report (its first seeds) had counted every stage under the cache folder, the main run's other seeds
+    included (5.54 h became 13.59 h when the pilot report was regenerated after the main run)."""
+    from guard_fast.study.report import stage_time
+
+    cfg, *_ = _made_up_study(tmp_path, ["--seeds=[0,1]"])
+    for rel, seconds in (("seed0/base/teachers/none", 10.0), ("seed1/base/a/ipc10/train", 20.0),
+                         ("seed2/base/teachers/none", 400.0), ("seed11/base/x", 800.0),
+                         ("selection/guard/c/seed0/teachers/guard", 5.0)):
+        (tmp_path / rel).mkdir(parents=True)
+        (tmp_path / rel / "stage.json").write_text(json.dumps({"seconds": seconds}))
+    assert stage_time(cfg) == (35.0, 3)
