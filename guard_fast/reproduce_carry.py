@@ -89,21 +89,20 @@ def restore(root: Path, carry: Path, cells: list[str], record: dict[str, Any], n
     carried folder made under another preset or other overrides is refused. The number restored."""
     restored = 0
     for dst in distillations(carry, names):
-        if dst.parts[-3] in cells:
-            rec_path = dst / RECORD
-            if not rec_path.is_file():
-                continue  # an interrupted copy (.partial / .old) or not ours
-            made = safe_json(rec_path)
-            if (made.get("preset"), made.get("overrides")) != (record["preset"], record["overrides"]):
-                raise GuardFastError(f"{rec_path}: distilled with preset {made.get('preset')} and overrides "
-                                     f"{made.get('overrides')}; this run asks for {record['preset']} "
-                                     f"{record['overrides']}: pass another --report (and --root)")
-            local = root / dst.relative_to(carry)
-            theirs, mine = progress(dst), progress(local) if local.is_dir() else None
-            if theirs is not None and (mine is None or theirs > mine):
-                _copy(dst, local, finished=theirs[0] == 1, record=None)
-                (local / RECORD).unlink(missing_ok=True)
-                restored += 1
+        rec_path = dst / RECORD
+        if dst.parts[-3] not in cells or not rec_path.is_file():
+            continue  # another cell, or an interrupted copy
+        made = safe_json(rec_path)
+        if (made.get("preset"), made.get("overrides")) != (record["preset"], record["overrides"]):
+            raise GuardFastError(f"{rec_path}: distilled with preset {made.get('preset')} and overrides "
+                                 f"{made.get('overrides')}; this run asks for {record['preset']} "
+                                 f"{record['overrides']}: pass another --report (and --root)")
+        local = root / dst.relative_to(carry)
+        theirs, mine = progress(dst), progress(local) if local.is_dir() else None
+        if theirs is not None and (mine is None or theirs > mine):
+            _copy(dst, local, finished=theirs[0] == 1, record=None)
+            (local / RECORD).unlink(missing_ok=True)
+            restored += 1
     if restored:
         print(f"restored {restored} distillation(s) from {carry}", flush=True)
     return restored

@@ -321,8 +321,9 @@ def stage_time(cfg: StudyConfig) -> tuple[float, int]:
     """Seconds and count of the stages this report covers: every stage under runs_dir except those of seeds it does
     not list (a pilot's report counts its own seeds and the selection, not the main run's other seeds)."""
     root, seeds = Path(cfg.runs_dir), {f"seed{s}" for s in cfg.seeds}
-    times = [json.loads(p.read_text()).get("seconds", 0.0) for p in root.rglob("stage.json")
-             if not (p.relative_to(root).parts[0].startswith("seed") and p.relative_to(root).parts[0] not in seeds)]
+    tops = {p: p.relative_to(root).parts[0] for p in root.rglob("stage.json")}
+    times = [json.loads(p.read_text()).get("seconds", 0.0) for p, top in tops.items()
+             if not top.startswith("seed") or top in seeds]
     return sum(times), len(times)
 
 
@@ -393,8 +394,7 @@ def write_readme_block(cfg: StudyConfig, results: dict[str, Any]) -> None:
         return
     rel = Path(os.path.relpath(Path(cfg.results_dir).resolve(), readme.resolve().parent)).as_posix()
     main = next((t for t in results["tables"].values() if t["rows"]), None)
-    want, data = fmt_eps(cfg.report_eps), cfg.pipeline.data.dataset
-    n_eval = cfg.pipeline.evaluate.num_images
+    want = fmt_eps(cfg.report_eps)
     if results["primary"]["missing"] and results["primary"]["registered"] and not cfg.pilot:
         seeds_in = ", ".join(f"{label} {r['stats'].get(want, {}).get('clean', {}).get('n', 0)}/{len(cfg.seeds)}"
                              for label, r in (main["rows"].items() if main else []))
@@ -402,8 +402,16 @@ def write_readme_block(cfg: StudyConfig, results: dict[str, Any]) -> None:
                  "differences and every claim's verdict are withheld here until all registered seeds are in (the "
                  "stopping rule: no interim look at the primary difference).", "",
                  f"Report so far: [{rel}/report.md]({rel}/report.md)."]
-        atomic_text(readme, pattern.sub(lambda m: m.group(1) + "\n".join(lines) + "\n" + m.group(2), text))
-        return
+    else:
+        lines = full_readme_lines(cfg, results, main, want, rel)
+    block = "\n".join(lines) + "\n"
+    atomic_text(readme, pattern.sub(lambda m: m.group(1) + block + m.group(2), text))
+
+
+def full_readme_lines(cfg: StudyConfig, results: dict[str, Any], main: dict[str, Any] | None, want: str,
+                      rel: str) -> list[str]:
+    """The README block once every registered seed is in: verdicts, the main table at report_eps, claims, link."""
+    data, n_eval = cfg.pipeline.data.dataset, cfg.pipeline.evaluate.num_images
     lines = [*primary_readme_lines(cfg, results["primary"]), ("Quick smoke configuration (not the study): " if
              cfg.quick else "") + f"accuracy (%) at L-inf eps = {want}, mean ± std over seeds {cfg.seeds}, "
              + (f"a seeded {n_eval}-image subset of the val split." if n_eval else "the whole val split."), ""]
@@ -417,5 +425,4 @@ def write_readme_block(cfg: StudyConfig, results: dict[str, Any]) -> None:
         lines.append(f"- missing cells: {len(results['missing'])} (listed in the report)")
     lines += ["", f"Full report (every table, eps, paired intervals, selection, Table 4, charts): [{rel}/report.md]"
               f"({rel}/report.md)."]
-    block = "\n".join(lines) + "\n"
-    atomic_text(readme, pattern.sub(lambda m: m.group(1) + block + m.group(2), text))
+    return lines
