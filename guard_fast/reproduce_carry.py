@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
 from guard_fast.runtime.checkpoint import safe_load
 from guard_fast.runtime.errors import GuardFastError
 from guard_fast.runtime.io import atomic_json
+from guard_fast.runtime.periodic import Periodic
 
 RECORD = "carry.json"
 DONE, STATE = "result.json", "state.pt"
@@ -115,29 +115,9 @@ def safe_json(path: Path) -> dict[str, Any]:
         raise GuardFastError(f"{path}: unreadable ({type(e).__name__}); delete that folder to distil again") from None
 
 
-class Saver:
+class Saver(Periodic):
     """Calls save() every `every_s` seconds on a daemon thread while a reproduction runs (the distillers run in
     worker processes or in this process's main thread; their state files are replaced atomically)."""
 
     def __init__(self, root: Path, carry: Path, record: dict[str, Any], names: tuple[str, ...], every_s: float):
-        self.args, self.every_s = (root, carry, record, names), every_s
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="reproduce-carry", daemon=True)
-        self.lock = threading.Lock()
-
-    def _loop(self) -> None:
-        while not self.stop.wait(self.every_s):
-            self.now()
-
-    def now(self) -> int:
-        with self.lock:
-            return save(*self.args)
-
-    def __enter__(self) -> Saver:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.now()
+        super().__init__(lambda: save(root, carry, record, names), every_s, "reproduce-carry")

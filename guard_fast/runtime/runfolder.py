@@ -52,7 +52,7 @@ SAFE_CHANGES = {
 }
 """keys `--resume --allow_config_change=...` may change, and why each is safe"""
 
-IGNORED = (LOCK_FILE, "stage.key", "stage.json")
+IGNORED = (LOCK_FILE, "stage.key", "stage.json", "stage.prior")
 """files the contract and the pipeline's stage cache keep in a run folder; they belong to no run's record"""
 
 

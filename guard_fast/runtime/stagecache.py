@@ -6,7 +6,8 @@ writes `stage.json` (key, completion id, outputs) last and atomically, so:
 - upstream rerun -> new completion id -> every stage that depends on it reruns;
 - output deleted, config changed or `--force STAGE` -> that stage reruns (from scratch);
 - killed mid-stage (folder without stage.json, same key) -> rerun with resume=True, the stage's own resume logic
-  picks up its checkpoints / finished chunks.
+  picks up its checkpoints / finished chunks; the time it ran before it stopped (`stage.prior`, written as it
+  stops) is added, so stage.json's `seconds` is its wall time over every sitting.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from guard_fast.runtime import distributed as D
 from guard_fast.runtime.io import atomic_json
 
 STAGE_FILE = "stage.json"
+PRIOR_FILE = "stage.prior"
+"""wall seconds an interrupted stage had run before (written when it stops, added when it resumes); a SIGKILL
+loses that sitting's time"""
 
 
 def stage_key(stage: str, config: dict[str, Any], inputs: list[str]) -> str:
@@ -99,9 +103,14 @@ class StageRunner:
         D.barrier()
         self.log(f"{prefix}: {'resuming' if resume else 'running'} (elapsed {time.time() - self.start:.0f} s, "
                  f"ETA {self._eta()})")
-        t0 = time.time()
-        outputs = fn(folder, resume)
-        seconds = time.time() - t0
+        t0, before = time.time(), _prior_seconds(folder) if resume else 0.0
+        try:
+            outputs = fn(folder, resume)
+        except BaseException:  # interrupted, failed or stopped (SIGTERM in a study worker): keep its time so far
+            if self.is_main:
+                atomic_json(folder / PRIOR_FILE, {"seconds": round(before + time.time() - t0, 2)})
+            raise
+        seconds = before + time.time() - t0  # over every sitting of a resumed stage
         completion = D.broadcast_object(uuid.uuid4().hex)
         rec = StageRecord(name, folder, key, completion, outputs, seconds=seconds)
         if self.is_main:
@@ -113,6 +122,13 @@ class StageRunner:
         self.log(f"{prefix}: done in {seconds:.1f} s (elapsed {time.time() - self.start:.0f} s, ETA {self._eta()})")
         self.records.append(rec)
         return rec
+
+
+def _prior_seconds(folder: Path) -> float:
+    try:
+        return float(json.loads((folder / PRIOR_FILE).read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
 
 
 def _read_key(folder: Path) -> str | None:

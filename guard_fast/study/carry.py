@@ -22,6 +22,7 @@ from guard_fast.pipeline import PipelineConfig, key_dict
 from guard_fast.runtime import distributed as D
 from guard_fast.runtime.distributed import DistInfo
 from guard_fast.runtime.io import atomic_json
+from guard_fast.study import carry_partial as partial
 from guard_fast.study.config import StudyConfig
 from guard_fast.study.workers import Job
 
@@ -133,13 +134,32 @@ def jobs_to_run(cfg: StudyConfig, info: DistInfo, jobs: list[Job]) -> list[Job]:
         skipped = len(jobs) - sum(keep)
         if skipped:
             print(f"{skipped} finished job(s) restored from {folder} (not run again)", flush=True)
+        resumed = [j.name for j, k in zip(jobs, keep, strict=True)
+                   if k and partial.restore(Path(cfg.runs_dir), folder, j.name, job_key(j.config))]
+        if resumed:
+            print(f"{len(resumed)} unfinished job(s) restored from {folder / partial.PARTIAL} (resumed where they "
+                  f"stopped): {', '.join(resumed)}", flush=True)
     keep = D.broadcast_object(keep)
     return [j for j, k in zip(jobs, keep, strict=True) if k]
 
 
-def carry_job(cfg: StudyConfig, info: DistInfo, job: Job) -> None:
-    """Rank 0: keep a finished job's small files (and the study's ledger, plan, gates cache) for a new checkout."""
+def carry_job(cfg: StudyConfig, info: DistInfo, job: Job, saver: partial.Saver | None = None) -> None:
+    """Rank 0: keep a finished job's small files (and the study's ledger, plan, gates cache) for a new checkout;
+    its partial copy (if any) is dropped."""
     folder = carry_dir(cfg)
     if folder is not None and info.is_main:
         save(Path(cfg.runs_dir), folder, job.name, job_key(job.config))
         save_study_files(Path(cfg.runs_dir), folder)
+        if saver is not None:
+            saver.finished(job.name)
+        else:
+            partial.drop(folder, job.name)
+
+
+def partial_saver(cfg: StudyConfig, info: DistInfo, jobs: list[Job]) -> partial.Saver | None:
+    """Rank 0's Saver of the unfinished jobs' folders (carry_partial.py); None when nothing is carried."""
+    folder = carry_dir(cfg)
+    if folder is None or not info.is_main or cfg.carry_partial_mb == 0:
+        return None
+    return partial.Saver(Path(cfg.runs_dir), folder, {j.name: job_key(j.config) for j in jobs}, cfg.carry_every_s,
+                         cfg.carry_partial_mb)

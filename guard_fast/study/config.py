@@ -231,6 +231,12 @@ class StudyConfig:
     """where each finished job's small files (stage records, results; no weights or images) are kept so that a new
     checkout resumes without rerunning it (guard_fast/study/carry.py): default results_dir/carry (committed with the
     results), "off" to keep nothing"""
+    carry_partial_mb: float = 64.0
+    """largest unfinished job (MB of what its resume needs: stage outputs, the newest checkpoint) whose folder is
+    carried every carry_every_s seconds so that a new checkout resumes it mid-job (guard_fast/study/carry_partial.py);
+    0 = carry finished jobs only"""
+    carry_every_s: float = 120.0
+    """seconds between copies of the running jobs' folders to the partial carry"""
     workers: int = 2
     """pipeline calls (one per seed and row settings) run at once in worker processes of one thread each; 1 = in
     this process, one after another (forced under torchrun, where every stage distributes itself)"""
@@ -248,6 +254,9 @@ class StudyConfig:
         unknown = sorted(set(self.figures) - set(FIGURES))
         if unknown:
             raise ConfigError(f"figures = {unknown}: registered figures are {sorted(FIGURES) or 'none yet'}")
+        if self.carry_partial_mb < 0 or self.carry_every_s <= 0:
+            raise ConfigError(f"carry_partial_mb = {self.carry_partial_mb}, carry_every_s = {self.carry_every_s}: "
+                              "give a size >= 0 (0 = off) and a period > 0")
         if self.workers < 1:
             raise ConfigError(f"workers = {self.workers}: give 1 (sequential) or more")
         self.gates.validate()

@@ -21,6 +21,7 @@ edit of the plan after the main run began is visible. `--pilot` runs the first p
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -275,16 +276,19 @@ def run_cells(cfg: StudyConfig, info: DistInfo, plan: Plan, after_job: Callable[
     """Every call of the plan for every seed as jobs (call-major, so finished cells have all their seeds first; the
     base call first); after each job, `after_job` (rank 0) rewrites the report from what is on disk and returns the
     failed gate's line (None when every gate holds); a failure stops every rank."""
-    jobs = cell_jobs(cfg, plan)
+    jobs = carry.jobs_to_run(cfg, info, cell_jobs(cfg, plan))
+    saver = carry.partial_saver(cfg, info, jobs)
 
     def done(job: Job) -> None:
-        carry.carry_job(cfg, info, job)
+        carry.carry_job(cfg, info, job, saver)
         line = D.broadcast_object(after_job() if info.is_main else None)
         if line:
             raise G.GateError(line)
 
     try:
-        run_jobs(carry.jobs_to_run(cfg, info, jobs), info, cfg.workers, done)
+        # unfinished jobs' folders are carried every carry_every_s seconds and on the way out (carry_partial.py)
+        with saver or contextlib.nullcontext():
+            run_jobs(jobs, info, cfg.workers, done)
     except G.GateError:
         if info.is_main:
             after_job()  # a gate failed inside a job: the report still shows it

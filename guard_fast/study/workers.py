@@ -12,6 +12,7 @@ depend on the number of workers (tests/study/test_runner.py).
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -71,8 +72,13 @@ def _exit_with_parent(parent: int) -> None:
 GROUP_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
+def _stopped(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds: the running stage records its time so far (runtime/stagecache.py)
+
+
 def _worker(job: Job, conn: Any, parent: int) -> None:
     _exit_with_parent(parent)
+    signal.signal(signal.SIGTERM, _stopped)  # run_jobs stops the others with SIGTERM when one fails
     for k in GROUP_ENV:
         os.environ.pop(k, None)  # each worker makes its own 1-rank group on a free port
     torch.set_num_threads(1)
@@ -84,7 +90,10 @@ def _worker(job: Job, conn: Any, parent: int) -> None:
     except GuardFastError as e:
         status = ("error", str(e))
     except BaseException as e:  # the traceback goes to the inherited stderr; the parent gets one line
-        conn.send(("crash", f"{type(e).__name__}: {e}"))
+        try:
+            conn.send(("crash", f"{type(e).__name__}: {e}"))
+        except OSError:  # the parent stopped listening (it is stopping this worker)
+            pass
         raise
     conn.send(status)
 

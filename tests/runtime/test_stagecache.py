@@ -79,3 +79,32 @@ def test_interrupted_stage_resumes(tmp_path):
     calls.clear()
     _pipeline(tmp_path, calls)
     assert calls == [("b", True), ("c", False)]  # a cached; b picks up its partial work
+
+
+def test_a_resumed_stage_reports_its_time_over_every_sitting(tmp_path, monkeypatch):
+    """Sitting 1 runs stage b for 30 s (a fake clock) and is interrupted; sitting 2 resumes it for 12 s: stage.json
+    says 42 s, not 12. A stage that starts clean does not inherit an older sitting's time."""
+    import guard_fast.runtime.stagecache as sc
+
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(sc.time, "time", lambda: clock["now"])
+    runner = StageRunner(total=1, log=lambda s: None)
+
+    def fn(spend, crash):
+        def run(folder, resume):
+            clock["now"] += spend
+            if crash:
+                raise KeyboardInterrupt
+            return {}
+        return run
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.run("b", tmp_path / "b", {"v": 1}, [], fn(30.0, True))
+    assert json.loads((tmp_path / "b" / "stage.prior").read_text()) == {"seconds": 30.0}
+    rec = StageRunner(total=1, log=lambda s: None).run("b", tmp_path / "b", {"v": 1}, [], fn(12.0, False))
+    assert rec.seconds == pytest.approx(42.0)
+    assert json.loads((tmp_path / "b" / "stage.json").read_text())["seconds"] == 42.0
+    with pytest.raises(KeyboardInterrupt):
+        runner.run("c", tmp_path / "c", {"v": 1}, [], fn(30.0, True))
+    fresh = StageRunner(total=1, log=lambda s: None).run("c", tmp_path / "c", {"v": 2}, [], fn(5.0, False))
+    assert fresh.seconds == pytest.approx(5.0)  # another config: it started clean
