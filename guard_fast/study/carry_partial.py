@@ -69,6 +69,13 @@ def _in_latest(ckpt: Path, rel: Path) -> bool:
     return rel.parts[0] == tag
 
 
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:  # gone since it was listed (a pruned checkpoint)
+        return None
+
+
 def _same(src: Path, dst: Path) -> bool:
     try:
         a, b = src.stat(), dst.stat()
@@ -91,8 +98,8 @@ def save(runs_dir: Path, carry: Path, job: str, key: dict[str, Any], max_mb: flo
     src, dst = runs_dir / job, carry / PARTIAL / job
     if not src.is_dir():
         return None
-    files = [rel for rel in wanted_files(src) if (src / rel).is_file()]
-    size = sum((src / rel).stat().st_size for rel in files)
+    sizes = {rel: n for rel in wanted_files(src) if (n := _size(src / rel)) is not None}
+    files, size = list(sizes), sum(sizes.values())
     if size > max_mb * 2**20:
         print(f"warning: {src} holds {size / 2**20:.1f} MB to resume from, over carry_partial_mb = {max_mb:g}: "
               "not carried (raise it to carry this job unfinished)", flush=True)
