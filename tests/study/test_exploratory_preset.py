@@ -5,6 +5,7 @@ gradient-norm rows at the settings the file fixes, nothing selected."""
 from __future__ import annotations
 
 import json
+
 import tomllib
 
 from guard_fast.study.config import load_study, parse_row
