@@ -25,6 +25,8 @@ from guard_fast.runtime import distributed as D
 from guard_fast.runtime.io import atomic_json
 
 STAGE_FILE = "stage.json"
+KEY_FILE = "stage.key"
+"""written when a stage starts: the key an interrupted run of it resumes under"""
 PRIOR_FILE = "stage.prior"
 """wall seconds an interrupted stage had run before (written when it stops, added when it resumes); a SIGKILL
 loses that sitting's time"""
@@ -99,7 +101,7 @@ class StageRunner:
         D.barrier()
         if self.is_main:
             folder.mkdir(parents=True, exist_ok=True)
-            atomic_json(folder / "stage.key", {"key": key})
+            atomic_json(folder / KEY_FILE, {"key": key})
         D.barrier()
         self.log(f"{prefix}: {'resuming' if resume else 'running'} (elapsed {time.time() - self.start:.0f} s, "
                  f"ETA {self._eta()})")
@@ -133,6 +135,6 @@ def _prior_seconds(folder: Path) -> float:
 
 def _read_key(folder: Path) -> str | None:
     try:
-        return json.loads((folder / "stage.key").read_text())["key"]
+        return json.loads((folder / KEY_FILE).read_text())["key"]
     except (OSError, json.JSONDecodeError, KeyError):
         return None

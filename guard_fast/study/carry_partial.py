@@ -28,7 +28,7 @@ from typing import Any
 
 from guard_fast.runtime.io import atomic_json
 from guard_fast.runtime.periodic import Periodic
-from guard_fast.runtime.stagecache import STAGE_FILE
+from guard_fast.runtime.stagecache import KEY_FILE, STAGE_FILE
 
 PARTIAL, RECORD = "partial", "partial.json"
 CKPT, LATEST = "checkpoints", "latest.json"
@@ -36,8 +36,8 @@ COMMIT_FILES = {STAGE_FILE, LATEST}
 
 
 def _stage_dirs(root: Path) -> set[Path]:
-    """Folders under `root` that hold a stage (a stage.key is written when a stage starts)."""
-    return {p.parent for p in root.rglob("stage.key")}
+    """Folders under `root` that hold a stage (KEY_FILE is written when a stage starts)."""
+    return {p.parent for p in root.rglob(KEY_FILE)}
 
 
 def wanted_files(root: Path) -> list[Path]:
