@@ -1,7 +1,8 @@
 """The GUARD-variants evidence preset (issue 29 item 4; configs/fashion-mnist/study-guard-variants.toml): its rows,
 pairs and plan, one student protocol and one evaluation for every row, and a study with nothing to select copies no
 selection split. Issue 30's secondary arm (configs/fashion-mnist/study-dc-guard.toml): GUARD(DC) vs DC under both
-student protocols, each method's two protocols training on one distilled set."""
+student protocols, each method's two protocols training on one distilled set. The exploratory GUARD(DSA) arm
+(configs/fashion-mnist/study-dsa-guard.toml): the DC arm's budget and evaluation with DSA's strategy and student."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from tests.conftest import REPO
 
 PRESET = str(REPO / "configs" / "fashion-mnist" / "study-guard-variants.toml")
 DC_PRESET = str(REPO / "configs" / "fashion-mnist" / "study-dc-guard.toml")
+DSA_PRESET = str(REPO / "configs" / "fashion-mnist" / "study-dsa-guard.toml")
 
 
 def test_the_preset_pairs_each_method_with_its_guard_variant_beside_dm():
@@ -85,3 +87,40 @@ def test_the_dc_arm_pairs_guard_dc_with_dc_under_both_protocols_on_one_set_per_m
     assert p.train_hard.augment == "none" and {p.dc.model.width, p.train_hard.model.width} == {64}
     assert (p.dc.lam, p.dc.h, p.dc.iterations, p.dc.init, p.dc.space) == (100.0, 0.6, 50, "real", "normalized")
     assert p.evaluate.attack.names == ["pgd100"] and any(abs(e - cfg.plan.eps) < 1e-12 for e in p.evaluate.attack.eps)
+
+
+def test_the_dsa_arm_is_the_dc_arms_budget_with_dsas_augmentation_and_student(tmp_path):
+    import tomllib
+
+    from guard_fast.pipeline import plan_pipeline
+
+    cfg = load_study(["--config", DSA_PRESET])
+    cfg.validate()
+    cfg.require_plan()
+    assert [parse_row(r).label for r in cfg.table5.rows] == ["DSA", "GUARD(DSA)"]
+    assert cfg.table5.pairs == cfg.plan.pairs == ["GUARD(DSA) vs DSA"] and cfg.seeds == [0, 1, 2] == list(
+        range(cfg.plan.seeds))
+    plan = plan_study(cfg, {})
+    assert len(plan.calls) == 1 and len(plan.cells) == 2
+    pc = study_run.pipeline_config(cfg, plan.calls[0].settings, tmp_path / "seed0", 0, plan.calls[0].methods, [10])
+    stages = {label: {s.kind: s for s in st} for label, _ipc, st in plan_pipeline(pc, tmp_path / "seed0")}
+    dsa, guard = (stages[k]["dsa"].config for k in ("DSA", "GUARD(DSA)"))
+    assert (dsa.guard, guard.guard, dsa.dsa, guard.dsa) == (False, True, True, True)
+    a, b = (stages[k]["train-hard"].config for k in ("DSA", "GUARD(DSA)"))  # one student protocol
+    for key in ("optim", "model", "augment", "dsa_strategy", "dsa_space", "batch_size", "quantize"):
+        assert getattr(a, key) == getattr(b, key), key
+    dc = load_study(["--config", DC_PRESET]).pipeline
+    for key in ("iterations", "batch_real", "space", "init", "lam", "h"):  # the DC arm's budget and GUARD settings
+        assert getattr(guard, key) == getattr(dc.dc, key), key
+    assert guard.model == dc.dc.model and pc.evaluate == dc.evaluate
+    authors = tomllib.loads((REPO / "configs" / "fashion-mnist" / "pipeline-dc.toml").read_text())
+    student = stages["DSA"]["train-hard"].config
+    assert guard.dsa_strategy == student.dsa_strategy == authors["dsa"]["dsa_strategy"]
+    assert (student.augment, student.optim.epochs, student.model.width) == ("dsa", 1001, 64)
+
+
+def test_the_dsa_quick_preset_is_one_seed_of_tiny_networks():
+    cfg = load_study(["--config", DSA_PRESET, "--quick"])
+    cfg.validate()
+    assert cfg.seeds == [0] and cfg.pilot and "quick" in cfg.runs_dir and "quick" in cfg.results_dir
+    assert cfg.pipeline.dsa.model.width == cfg.pipeline.train_dsa.model.width == 4
