@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from bench.common import summarize, write_results
 from guard_fast.data.presets import DATASETS
-from guard_fast.distill.dc import LOOPS, DCConfig, fresh_network, real_gradients, train_network
+from guard_fast.distill.dc import DCConfig, fresh_network, real_gradients, train_network
+from guard_fast.distill.dc_config import LOOPS
 from guard_fast.distill.gradmatch import match_distance
 
 IPCS = (1, 10, 50)
