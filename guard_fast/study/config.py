@@ -237,6 +237,9 @@ class StudyConfig:
     0 = carry finished jobs only"""
     carry_every_s: float = 120.0
     """seconds between copies of the running jobs' folders to the partial carry"""
+    report_every_s: float = 60.0
+    """seconds between the interim reports (report.md, charts, README block) rewritten as jobs finish; the gates are
+    checked after every job regardless, a failed gate and the end of the run always write it; 0 = after every job"""
     workers: int = 2
     """pipeline calls (one per seed and row settings) run at once in worker processes of one thread each; 1 = in
     this process, one after another (forced under torchrun, where every stage distributes itself)"""
@@ -257,6 +260,8 @@ class StudyConfig:
         if self.carry_partial_mb < 0 or self.carry_every_s <= 0:
             raise ConfigError(f"carry_partial_mb = {self.carry_partial_mb}, carry_every_s = {self.carry_every_s}: "
                               "give a size >= 0 (0 = off) and a period > 0")
+        if self.report_every_s < 0:
+            raise ConfigError(f"report_every_s = {self.report_every_s}: give seconds >= 0 (0 = after every job)")
         if self.workers < 1:
             raise ConfigError(f"workers = {self.workers}: give 1 (sequential) or more")
         self.gates.validate()

@@ -26,6 +26,7 @@ import copy
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -272,10 +273,11 @@ def cell_jobs(cfg: StudyConfig, plan: Plan) -> list[Job]:
     return jobs
 
 
-def run_cells(cfg: StudyConfig, info: DistInfo, plan: Plan, after_job: Callable[[], str | None]) -> None:
+def run_cells(cfg: StudyConfig, info: DistInfo, plan: Plan, after_job: Callable[..., str | None]) -> None:
     """Every call of the plan for every seed as jobs (call-major, so finished cells have all their seeds first; the
-    base call first); after each job, `after_job` (rank 0) rewrites the report from what is on disk and returns the
-    failed gate's line (None when every gate holds); a failure stops every rank."""
+    base call first); after each job, `after_job` (rank 0; `interim_reporter`) checks the gates on what is on disk,
+    rewrites the report when due, and returns the failed gate's line (None when every gate holds); a failure stops
+    every rank (after_job(force=True) then writes the report)."""
     jobs = carry.jobs_to_run(cfg, info, cell_jobs(cfg, plan))
     saver = carry.partial_saver(cfg, info, jobs)
 
@@ -291,7 +293,7 @@ def run_cells(cfg: StudyConfig, info: DistInfo, plan: Plan, after_job: Callable[
             run_jobs(jobs, info, cfg.workers, done)
     except G.GateError:
         if info.is_main:
-            after_job()  # a gate failed inside a job: the report still shows it
+            after_job(force=True)  # a gate failed inside a job: the report still shows it
         raise
 
 
@@ -354,6 +356,23 @@ def pilot_config(cfg: StudyConfig) -> StudyConfig:
     return pilot
 
 
+def interim_reporter(cfg: StudyConfig, gates: Callable[[], list[dict[str, Any]]],
+                     report: Callable[[], dict[str, Any]], clock: Callable[[], float] = time.monotonic
+                     ) -> Callable[[], str | None]:
+    """run_cells' after_job: the gates over what is on disk after every job (their failed line, or None); the full
+    report (charts included, seconds on a CPU) only when one failed or report_every_s has passed since the last."""
+    last = [clock()]
+
+    def after_job(force: bool = False) -> str | None:
+        line = G.failure_line(gates())
+        if force or line or clock() - last[0] >= cfg.report_every_s:
+            report()
+            last[0] = clock()
+        return line
+
+    return after_job
+
+
 def run_study(cfg: StudyConfig, info: DistInfo, cost_fn: Callable[[Any, Path], dict[str, Any]] | None = None
               ) -> dict[str, Any]:
     """Selection, every cell for every seed (gates checked as stages finish), Table 4, then report.md /
@@ -388,7 +407,8 @@ def run_study(cfg: StudyConfig, info: DistInfo, cost_fn: Callable[[Any, Path], d
     if cfg.report_only:
         carry.jobs_to_run(cfg, info, cell_jobs(cfg, plan))  # a new checkout: the carried jobs' files, for the report
         return report() if info.is_main else {}
-    run_cells(cfg, info, plan, lambda: G.failure_line(report()["gates"]))
+    run_cells(cfg, info, plan, interim_reporter(cfg, lambda: measure_gates(cfg, plan, cell_results(cfg, plan)),
+                                                report))
     cost = run_cost(cfg, info, cost_fn)
     summary = report(cost) if info.is_main else {}
     D.barrier()
