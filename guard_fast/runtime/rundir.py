@@ -137,10 +137,13 @@ class RunDir:
         for tmp in (*self.path.glob(".*.tmp"), *self.path.glob("checkpoints/.*.tmp")):
             tmp.unlink(missing_ok=True)  # left by a killed atomic write; this run owns the folder
         record = self._run_record(now)
+        # the record first (config.json, then run.json: a folder with either is a run), config.toml after it: a kill
+        # between the writes leaves a folder the next run continues, never one refused as "not a guard_fast run"
         if self.cfg is not None:
-            atomic_text(self.path / "config.toml", config_mod.to_toml(self.cfg))
             atomic_json(self.path / "config.json", config_mod.to_dict(self.cfg))
         atomic_json(self.path / RUN_FILE, record)
+        if self.cfg is not None:
+            atomic_text(self.path / "config.toml", config_mod.to_toml(self.cfg))
         env = environment(self.device)
         if now.action == "continue" and (self.path / ENV_FILE).is_file():
             append_jsonl(self.path / RESUMES_FILE, env)  # environment.json stays the one that began the run

@@ -413,3 +413,41 @@ def test_a_continued_run_keeps_the_environment_that_began_it(tmp_path, monkeypat
     assert later == ["start1", "start2"]
     start(overwrite=True)
     assert first() == "start3" and not (folder / "environment.jsonl").exists()
+
+
+@pytest.mark.parametrize("killed_at", ["config.json", "run.json", "config.toml", "environment.json"])
+def test_a_run_killed_while_writing_its_record_is_continued_not_refused(tmp_path, monkeypatch, killed_at):
+    """A study killed (SIGKILL) while a stage wrote its record had left config.toml alone in the folder, which the
+    rerun refused as 'not a guard_fast run'. Whichever write the kill interrupts, the next start continues the run."""
+    from dataclasses import dataclass
+
+    from guard_fast.runtime import rundir
+    from guard_fast.runtime.runfolder import stage
+
+    @dataclass
+    class Toy:
+        lr: float = 0.1
+
+    folder = tmp_path / "run"
+    real_json, real_text = rundir.atomic_json, rundir.atomic_text
+
+    def killed(real):
+        def write(path, *a, **kw):
+            if Path(path).name == killed_at:
+                raise KeyboardInterrupt  # the process dies before this file exists
+            return real(path, *a, **kw)
+        return write
+
+    @stage("toy")
+    def start() -> None:
+        rundir.RunDir(folder, Toy(), kind="toy").start()
+
+    monkeypatch.setattr(rundir, "atomic_json", killed(real_json))
+    monkeypatch.setattr(rundir, "atomic_text", killed(real_text))
+    with pytest.raises(KeyboardInterrupt):
+        start()
+    monkeypatch.setattr(rundir, "atomic_json", real_json)
+    monkeypatch.setattr(rundir, "atomic_text", real_text)
+    start()  # continues (before the fix: "holds files that are not a guard_fast run (config.toml)")
+    assert json.loads((folder / "run.json").read_text())["kind"] == "toy"
+    assert (folder / "config.toml").is_file() and json.loads((folder / "config.json").read_text()) == {"lr": 0.1}
