@@ -17,8 +17,9 @@ and the threshold (`GateError`). A gate whose stage has not finished is simply n
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -163,3 +164,21 @@ def _rel(path: Path, root: Path) -> str:
         return path.relative_to(root).as_posix()
     except ValueError:
         return str(path)
+
+
+def interim_reporter(cfg: Any, gates: Callable[[], list[dict[str, Any]]],
+                     report: Callable[[], dict[str, Any]], clock: Callable[[], float] = time.monotonic
+                     ) -> Callable[[], str | None]:
+    """The study's after_job (cfg: its StudyConfig): the gates over what is on disk after every job (their failed
+    line, or None); the full report (charts included, seconds on a CPU) only when forced, when one failed, or when
+    report_every_s has passed since the last."""
+    last = [clock()]
+
+    def after_job(force: bool = False) -> str | None:
+        line = failure_line(gates())
+        if force or line or clock() - last[0] >= cfg.report_every_s:
+            report()
+            last[0] = clock()
+        return line
+
+    return after_job

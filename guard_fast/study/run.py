@@ -26,7 +26,6 @@ import copy
 import hashlib
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -275,7 +274,7 @@ def cell_jobs(cfg: StudyConfig, plan: Plan) -> list[Job]:
 
 def run_cells(cfg: StudyConfig, info: DistInfo, plan: Plan, after_job: Callable[..., str | None]) -> None:
     """Every call of the plan for every seed as jobs (call-major, so finished cells have all their seeds first; the
-    base call first); after each job, `after_job` (rank 0; `interim_reporter`) checks the gates on what is on disk,
+    base call first); after each job, `after_job` (rank 0; `gates.interim_reporter`) checks the gates on disk,
     rewrites the report when due, and returns the failed gate's line (None when every gate holds); a failure stops
     every rank (after_job(force=True) then writes the report)."""
     jobs = carry.jobs_to_run(cfg, info, cell_jobs(cfg, plan))
@@ -356,23 +355,6 @@ def pilot_config(cfg: StudyConfig) -> StudyConfig:
     return pilot
 
 
-def interim_reporter(cfg: StudyConfig, gates: Callable[[], list[dict[str, Any]]],
-                     report: Callable[[], dict[str, Any]], clock: Callable[[], float] = time.monotonic
-                     ) -> Callable[[], str | None]:
-    """run_cells' after_job: the gates over what is on disk after every job (their failed line, or None); the full
-    report (charts included, seconds on a CPU) only when one failed or report_every_s has passed since the last."""
-    last = [clock()]
-
-    def after_job(force: bool = False) -> str | None:
-        line = G.failure_line(gates())
-        if force or line or clock() - last[0] >= cfg.report_every_s:
-            report()
-            last[0] = clock()
-        return line
-
-    return after_job
-
-
 def run_study(cfg: StudyConfig, info: DistInfo, cost_fn: Callable[[Any, Path], dict[str, Any]] | None = None
               ) -> dict[str, Any]:
     """Selection, every cell for every seed (gates checked as stages finish), Table 4, then report.md /
@@ -407,7 +389,7 @@ def run_study(cfg: StudyConfig, info: DistInfo, cost_fn: Callable[[Any, Path], d
     if cfg.report_only:
         carry.jobs_to_run(cfg, info, cell_jobs(cfg, plan))  # a new checkout: the carried jobs' files, for the report
         return report() if info.is_main else {}
-    run_cells(cfg, info, plan, interim_reporter(cfg, lambda: measure_gates(cfg, plan, cell_results(cfg, plan)),
+    run_cells(cfg, info, plan, G.interim_reporter(cfg, lambda: measure_gates(cfg, plan, cell_results(cfg, plan)),
                                                 report))
     cost = run_cost(cfg, info, cost_fn)
     summary = report(cost) if info.is_main else {}

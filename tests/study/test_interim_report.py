@@ -1,4 +1,4 @@
-"""The study's interim report (guard_fast/study/run.py interim_reporter): the gates are checked after every job,
+"""The study's interim report (guard_fast/study/gates.py interim_reporter): the gates are checked after every job,
 report.md and its charts are rewritten only every report_every_s seconds, on a failed gate, or when forced."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 
 from guard_fast.runtime.errors import ConfigError
 from guard_fast.study.config import load_study
-from guard_fast.study.run import interim_reporter
+from guard_fast.study.gates import interim_reporter
 from tests.conftest import REPO
 
 PRESET = str(REPO / "configs" / "digits" / "study.toml")
