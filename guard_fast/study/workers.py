@@ -2,10 +2,9 @@
 
 A job is one `run_pipeline` call: one seed and one set of row settings (or one selection candidate). Jobs write
 disjoint folders, and the stages inside a job depend on each other (teacher -> recover -> relabel -> train ->
-evaluate), so the job is the unit of parallelism. Each worker is a `spawn` process with one torch thread (`workers`
-of them share the machine's cores instead of each starting one thread per core) that runs the jobs it is sent one
-after another, as workers = 1 runs them all in one process; it sends back one status line per job over a pipe, and
-exits when its parent dies (a killed study leaves no orphan writing into the cache).
+evaluate), so the job is the unit of parallelism. Each worker is a fresh `spawn` process with one torch thread
+(`workers` of them share the machine's cores instead of each starting one thread per core); it sends back one
+status line over a pipe, and exits when its parent dies (a killed study leaves no orphan writing into the cache).
 A finished stage is cached by its StageRunner, so a rerun, sequential or parallel, skips it: the results do not
 depend on the number of workers (tests/study/test_runner.py).
 """
@@ -77,8 +76,12 @@ def _stopped(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)  # unwinds: the running stage records its time so far (runtime/stagecache.py)
 
 
-def _run_one(job: Job, conn: Any) -> None:
-    """Run one job here and send its status line; a crash sends its line, then propagates (the worker ends)."""
+def _worker(job: Job, conn: Any, parent: int) -> None:
+    _exit_with_parent(parent)
+    signal.signal(signal.SIGTERM, _stopped)  # run_jobs stops the others with SIGTERM when one fails
+    for k in GROUP_ENV:
+        os.environ.pop(k, None)  # each worker makes its own 1-rank group on a free port
+    torch.set_num_threads(1)
     status = ("ok", "")
     try:
         run_job(job, DistInfo(rank=0, world=1, local_rank=0, device=pick_device(job.config.dist.device)))
@@ -95,71 +98,38 @@ def _run_one(job: Job, conn: Any) -> None:
     conn.send(status)
 
 
-def _worker(conn: Any, parent: int) -> None:
-    """Jobs one after another, as the parent sends them (None: exit), as workers == 1 runs them in one process."""
-    _exit_with_parent(parent)
-    signal.signal(signal.SIGTERM, _stopped)  # run_jobs stops the others with SIGTERM when one fails
-    for k in GROUP_ENV:
-        os.environ.pop(k, None)  # each worker makes its own 1-rank group on a free port
-    torch.set_num_threads(1)
-    while True:
-        try:
-            job = conn.recv()
-        except EOFError:  # the parent closed its end (it is stopping)
-            return
-        if job is None:
-            return
-        _run_one(job, conn)
-
-
 def run_jobs(jobs: list[Job], info: DistInfo, workers: int, on_done: Callable[[Job], None]) -> None:
     """Run every job, `workers` at a time in worker processes (in this process, in order, when workers == 1 or
-    under several ranks), calling on_done(job) in this process as each finishes. A worker runs job after job (one
-    spawn, i.e. one import of torch, per worker, not per job). The first failure (a gate, a user error, a crash)
-    stops the others and is raised here as one line."""
+    under several ranks), calling on_done(job) in this process as each finishes. The first failure (a gate, a user
+    error, a crash) stops the others and is raised here as one line."""
     if workers <= 1 or info.world > 1 or len(jobs) <= 1:
         for job in jobs:
             run_job(job, info)
             on_done(job)
         return
     ctx = get_context("spawn")
-    pending, busy = list(jobs), {}  # busy: parent's end of the pipe -> (process, its current job)
-    started = []  # every worker, registered before it starts: an interrupt anywhere below still stops it
+    pending, running = list(jobs), {}
     try:
-        for i in range(min(workers, len(pending))):
-            conn, child = ctx.Pipe(duplex=True)
-            proc = ctx.Process(target=_worker, args=(child, os.getpid()), name=f"study:worker{i}")
-            started.append((proc, conn))
-            proc.start()
-            child.close()
-            job = pending.pop(0)
-            conn.send(job)
-            busy[conn] = (proc, job)
-        while busy:
-            for conn in wait(list(busy)):
-                proc, job = busy[conn]
-                try:
-                    kind, line = conn.recv()
-                except EOFError:  # the worker died without a word (killed, out of memory)
-                    proc.join()
-                    kind, line = "crash", f"exit code {proc.exitcode}"
+        while pending or running:
+            while pending and len(running) < workers:
+                job = pending.pop(0)
+                recv, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_worker, args=(job, send, os.getpid()), name=f"study:{job.name}")
+                proc.start()
+                send.close()
+                running[proc.sentinel] = (proc, job, recv)
+            for sentinel in wait(list(running)):
+                proc, job, recv = running.pop(sentinel)
+                proc.join()
+                kind, line = recv.recv() if recv.poll() else ("crash", f"exit code {proc.exitcode}")
+                recv.close()
                 if kind == "gate":
                     raise G.GateError(line)
                 if kind != "ok":
                     raise GuardFastError(f"{job.name}: {line}" if kind == "crash" else line)
                 on_done(job)
-                if pending:
-                    busy[conn] = (proc, pending.pop(0))
-                    conn.send(busy[conn][1])
-                else:
-                    del busy[conn]
-                    conn.send(None)
-                    conn.close()
-                    proc.join()
-    finally:  # a failure or an interrupt: stop every worker still alive (their stages resume later)
-        for proc, conn in started:
-            if proc.pid is not None and proc.is_alive():
-                proc.terminate()
-            if proc.pid is not None:
-                proc.join()
-            conn.close()
+    finally:
+        for proc, _, recv in running.values():  # a failure elsewhere: stop the others (their stages resume later)
+            proc.terminate()
+            proc.join()
+            recv.close()
