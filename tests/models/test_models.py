@@ -97,3 +97,28 @@ def test_convnet_shapes_and_parameter_count():
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
     deep = build_model("convnet-d4", 5, (0.5,) * 3, (0.5,) * 3, width=8, image_size=64)
     assert deep(torch.rand(1, 3, 64, 64)).shape == (1, 5)
+
+
+@pytest.mark.parametrize("shape, dtype", [((3, 5, 8, 8), torch.float32), ((2, 7, 13, 11), torch.float32),
+                                          ((1, 1, 2, 2), torch.float32), ((2, 3, 9, 6), torch.float64)])
+def test_convnet_pooling_equals_average_pooling_with_its_gradients(shape, dtype):
+    """ConvNet's AvgPool2x2 (a depthwise convolution for float32 on a CPU) against F.avg_pool2d: the output, the
+    input gradient, and the second derivative DC's matching differentiates through (create_graph), on odd sides
+    (floored like nn.AvgPool2d) and in float64 (nn.AvgPool2d itself)."""
+    from guard_fast.models.convnet import AvgPool2x2
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=dtype, requires_grad=True)
+    w = torch.randn((shape[0], shape[1], shape[2] // 2, shape[3] // 2), generator=g, dtype=dtype)
+
+    def second(pool):  # d/dx of || d<w, pool(x)^2>/dx ||^2: needs pooling's backward to be differentiable
+        (gx,) = torch.autograd.grad((w * pool(x) ** 2).sum(), x, create_graph=True)
+        (ggx,) = torch.autograd.grad(gx.pow(2).sum(), x)
+        return gx.detach(), ggx
+
+    fast, ref = AvgPool2x2(), lambda t: torch.nn.functional.avg_pool2d(t, 2, 2)
+    assert torch.allclose(fast(x), ref(x), rtol=1e-6, atol=1e-7)
+    for a, b in zip(second(fast), second(ref), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    kind = type(fast(x).grad_fn).__name__
+    assert (kind == "_PoolBackward") == (dtype == torch.float32), kind  # the dispatch: CPU float32 only
