@@ -2,9 +2,12 @@
 
 A job is one `run_pipeline` call: one seed and one set of row settings (or one selection candidate). Jobs write
 disjoint folders, and the stages inside a job depend on each other (teacher -> recover -> relabel -> train ->
-evaluate), so the job is the unit of parallelism. Each worker is a fresh `spawn` process with one torch thread
-(`workers` of them share the machine's cores instead of each starting one thread per core); it sends back one
-status line over a pipe, and exits when its parent dies (a killed study leaves no orphan writing into the cache).
+evaluate), so the job is the unit of parallelism. Each job gets a fresh worker process with one torch thread
+(`workers` of them share the machine's cores instead of each starting one thread per core), forked from a
+`forkserver` that imported torch and the pipeline once (a `spawn` per job paid that import, about 5 s, every time;
+the fork server holds no torch threads or process groups, so each worker starts as clean as a spawned one). A
+worker sends back one status line over a pipe, and exits when the study dies (a killed study leaves no orphan
+writing into the cache).
 A finished stage is cached by its StageRunner, so a rerun, sequential or parallel, skips it: the results do not
 depend on the number of workers (tests/study/test_runner.py).
 """
@@ -58,9 +61,23 @@ def run_job(job: Job, info: DistInfo) -> None:
     run_pipeline(job.config, info, on_stage=job.gate.after_stage if job.gate else None)
 
 
-def _exit_with_parent(parent: int) -> None:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user (a reused pid): treat as alive
+        return True
+    return True
+
+
+def _exit_with_study(study: int) -> None:
+    """Exit when the study process `study` is gone, or when this worker's parent (the fork server, which exits with
+    the study) is: whichever is seen first."""
+    parent = os.getppid()
+
     def watch() -> None:
-        while os.getppid() == parent:
+        while os.getppid() == parent and _alive(study):
             time.sleep(0.5)
         os._exit(1)  # orphaned: the study was killed; a rerun resumes this job's stage from its checkpoints
 
@@ -76,8 +93,8 @@ def _stopped(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)  # unwinds: the running stage records its time so far (runtime/stagecache.py)
 
 
-def _worker(job: Job, conn: Any, parent: int) -> None:
-    _exit_with_parent(parent)
+def _worker(job: Job, conn: Any, study: int) -> None:
+    _exit_with_study(study)
     signal.signal(signal.SIGTERM, _stopped)  # run_jobs stops the others with SIGTERM when one fails
     for k in GROUP_ENV:
         os.environ.pop(k, None)  # each worker makes its own 1-rank group on a free port
@@ -107,7 +124,8 @@ def run_jobs(jobs: list[Job], info: DistInfo, workers: int, on_done: Callable[[J
             run_job(job, info)
             on_done(job)
         return
-    ctx = get_context("spawn")
+    ctx = get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])  # torch and the pipeline, imported once by the server, not per job
     pending, running = list(jobs), {}
     try:
         while pending or running:
