@@ -55,15 +55,22 @@ def _run(main: Callable[[list[str]], int | None], argv: list[str] | None = None,
     try:
         return int(main(sys.argv[1:] if argv is None else argv) or 0)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        say(f"{prog}: interrupted")
         return 130
     except Exception as e:
         line, code = one_line(e)
         if line is None:
             raise
-        print(f"{prog}: error: {line}", file=sys.stderr)
+        say(f"{prog}: error: {line}")
         record_error(f"{prog}: {line}", code)
         return code
+
+
+def say(line: str) -> None:
+    """`line` and its newline on stderr in one write: print() writes them apart, and the ranks of a job share one
+    stderr, so another rank's line could land between them (two ranks' errors on one line)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def one_line(e: BaseException) -> tuple[str | None, int]:

@@ -49,7 +49,7 @@ def prepare_model(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     if cfg.compile:
         # The body, in place (same module object and state-dict keys): the objectives and recover call model.body(u)
         # directly, so compiling the Classifier's forward would leave their passes eager.
-        unwrap(model).body.compile()
+        unwrap(model).body.compile(backend=cfg.compile_backend)
     return model
 
 

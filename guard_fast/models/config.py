@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from guard_fast.models.registry import MODELS
 from guard_fast.runtime.errors import ConfigError
 
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+
 
 @dataclass
 class ModelConfig:
@@ -21,9 +23,16 @@ class ModelConfig:
     """use the channels_last memory format (faster convolutions on CUDA)"""
     compile: bool = False
     """wrap the model in torch.compile (first-order paths only: compile cannot do double backward)"""
+    compile_backend: str = "inductor"
+    """torch.compile backend: inductor (generated kernels: the speed-up), aot_eager (the same traced forward and
+    backward graphs run by PyTorch's own operators, no code generation: for debugging and for checking the wiring
+    quickly), eager (dynamo tracing only)"""
 
     def validate(self) -> None:
         if self.arch not in MODELS:
             raise ConfigError(f"model.arch = {self.arch!r}: valid values are {', '.join(sorted(MODELS))}")
         if self.width < 1:
             raise ConfigError(f"model.width = {self.width}: must be >= 1")
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise ConfigError(f"model.compile_backend = {self.compile_backend!r}: valid values are "
+                              f"{', '.join(COMPILE_BACKENDS)}")

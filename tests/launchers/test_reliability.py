@@ -10,6 +10,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -326,6 +327,35 @@ def test_cli_turns_os_errors_into_one_line(tmp_path, capsys):
     assert run(main, []) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "No such file or directory" in err and str(tmp_path / "missing") in err
+
+
+def test_the_one_line_error_is_one_write(monkeypatch):
+    """The ranks of a job share one stderr: each rank's error line, newline included, goes out in one write, so two
+    ranks stopping at once print two lines, not one line run into the next (print writes the newline apart)."""
+    from launchers.cli import run
+
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+
+    def stopped(argv):
+        raise GuardFastError("stopped by SIGTERM after step 3")
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    assert run(stopped, [], prog="guard-fast squeeze") == 1
+    assert run(interrupted, [], prog="guard-fast squeeze") == 130
+    assert writes == ["guard-fast squeeze: error: stopped by SIGTERM after step 3\n",
+                      "guard-fast squeeze: interrupted\n"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -122,3 +122,32 @@ def test_convnet_pooling_equals_average_pooling_with_its_gradients(shape, dtype)
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     kind = type(fast(x).grad_fn).__name__
     assert (kind == "_PoolBackward") == (dtype == torch.float32), kind  # the dispatch: CPU float32 only
+
+
+def test_compile_backend_reaches_torch_compile_and_a_bad_one_is_refused():
+    """model.compile_backend is the backend the body is compiled with (aot_eager: same outputs as eager, no code
+    generated); an unknown backend is one error naming the key."""
+    from guard_fast.models import ModelConfig, prepare_model
+    from guard_fast.runtime.errors import ConfigError
+
+    torch.manual_seed(0)
+    model = build_model("resnet18-cifar", 10, (0.5,) * 3, (0.25,) * 3, width=4, image_size=16)
+    x = torch.rand(2, 3, 16, 16)
+    model.eval()
+    want = model(x)
+    seen: list[str] = []
+    real = torch.compile
+
+    def spy(fn, *a, backend="inductor", **k):
+        seen.append(backend)
+        return real(fn, *a, backend=backend, **k)
+
+    torch.compile = spy
+    try:
+        prepare_model(model, ModelConfig(arch="resnet18-cifar", width=4, compile=True, compile_backend="aot_eager"))
+    finally:
+        torch.compile = real
+    assert seen == ["aot_eager"]
+    torch.testing.assert_close(model(x), want)
+    with pytest.raises(ConfigError, match="model.compile_backend = 'tvm'"):
+        ModelConfig(compile_backend="tvm").validate()

@@ -203,8 +203,13 @@ def test_strategies_match_reference_step_by_step_on_two_ranks(small_digits, tmp_
 
 @pytest.mark.subprocess
 def test_bf16_and_compile_paths_run(small_digits, tmp_path):
-    """bf16 (DeepSpeed bf16 weights, BatchNorm buffers in bf16) and torch.compile: a couple of steps, finite."""
-    for name, extra in (("bf16", ["--dist.precision=bf16"]), ("compiled", ["--model.compile"])):
+    """bf16 (DeepSpeed bf16 weights, BatchNorm buffers in bf16) and torch.compile through the launcher and DeepSpeed:
+    a couple of steps, finite. The launcher's compile runs the aot_eager backend (the same traced graphs, no code
+    generation); inductor's own numbers are tests/squeeze/test_objectives.py's compiled-vs-eager test, in process.
+    Inductor here took 2-3 min on a cold cache and hung in 3 of 5 full suites (inside a compiled backward's
+    convolution_backward, 600 s; alone it passed every time): docs/benchmarks.md."""
+    for name, extra in (("bf16", ["--dist.precision=bf16"]),
+                        ("compiled", ["--model.compile", "--model.compile_backend=aot_eager"])):
         out = tmp_path / name
         launch([PYTHON, str(REPO / "launchers/squeeze.py")], out, small_digits, *extra, "--stop_after=2")
         assert all(map(lambda v: v == v and abs(v) < 1e6, losses(out)))  # finite

@@ -128,8 +128,11 @@ def test_an_interrupted_study_resumes_in_a_new_checkout_with_the_uninterrupted_n
     study(args("a", workers=1))
     want = json.loads((tmp_path / "a/res/results.json").read_text())["cells"]
 
+    # SIGINT at its default in the study: a suite started in the background by a shell without job control (nohup
+    # ... &, some CI runners) inherits SIGINT ignored, and Python keeps an inherited ignore, so the study would run on
     proc = subprocess.Popen([PYTHON, str(REPO / "launchers/study.py"), *args("b")], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=subprocess_env(), cwd=REPO)
+                            stderr=subprocess.STDOUT, text=True, env=subprocess_env(), cwd=REPO,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     runs = tmp_path / "b/runs"
     deadline = time.time() + 600
     while not list(runs.glob("seed0/*/**/recover/stage.json")) and proc.poll() is None and time.time() < deadline:
